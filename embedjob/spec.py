@@ -1,0 +1,309 @@
+"""The EmbeddingJob resource: spec and status models, the one source of the CRD schema.
+
+Field names are snake_case in Python and camelCase in YAML (``maxTokensPerBatch``).
+Unknown fields are rejected so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from embedjob.failures import ConfigError, FailureType
+
+API_GROUP = "embedjob.io"
+API_VERSION = "v1alpha1"
+KIND = "EmbeddingJob"
+PLURAL = "embeddingjobs"
+
+ESM2_MODELS = (
+    "esm2_t6_8M_UR50D",
+    "esm2_t12_35M_UR50D",
+    "esm2_t30_150M_UR50D",
+    "esm2_t33_650M_UR50D",
+    "esm2_t36_3B_UR50D",
+    "esm2_t48_15B_UR50D",
+)
+RANDOM_WEIGHTS = "random"
+"""``model.weights: random`` loads random-initialised weights of the real architecture:
+a smoke test of the whole pipeline without a model download (like vLLM's dummy weights)."""
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Alphabet(str, Enum):
+    protein = "protein"
+    dna = "dna"
+
+
+class InputSpec(Model):
+    uri: str | None = Field(None, description="FASTA file (plain or .gz): a path, file:// or s3://")
+    uris: list[str] | None = Field(None, description="Several FASTA files, read in order")
+    alphabet: Alphabet | None = Field(None, description="protein | dna (default: the model's)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if bool(self.uri) == bool(self.uris):
+            raise ValueError("set exactly one of input.uri or input.uris")
+        return self
+
+    @property
+    def all_uris(self) -> list[str]:
+        return [self.uri] if self.uri else list(self.uris or [])
+
+
+class OutputSpec(Model):
+    uri: str = Field(description="Output prefix: a path, file:// or s3://bucket/prefix/")
+    merge: bool = Field(False, description="Also write one merged embeddings.h5")
+    dtype: Literal["float32", "float16"] = Field("float32", description="Stored embedding dtype")
+
+
+class ModelSpec(Model):
+    name: str = Field(
+        "esm2_t6_8M_UR50D",
+        description="esm2_t6_8M_UR50D … esm2_t48_15B_UR50D, dnabert-s, or a Hugging Face id",
+    )
+    weights: str | None = Field(
+        None,
+        description="fair-esm .pt checkpoint or Hugging Face snapshot (dir or .tar.gz): path or "
+        "s3://; 'random' for random-initialised weights; unset: the hub cache",
+    )
+    layer: int = Field(-1, description="Representation layer; negative counts from the last")
+    pooling: Literal["mean", "cls"] = Field("mean", description="mean over residues, or BOS/CLS")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
+    )
+    max_tokens_per_batch: int = Field(
+        16384, ge=64, description="Token budget per batch (padded tokens)"
+    )
+    long_sequences: Literal["truncate", "window"] = Field(
+        "truncate", description="Sequences longer than maxResidues: truncate, or average windows"
+    )
+    max_residues: int = Field(1022, ge=8, description="Residues per forward pass (model window)")
+    window_overlap: int = Field(256, ge=0, description="Overlap between windows (window mode)")
+    trust_remote_code: bool = Field(
+        False, description="Allow a Hugging Face model's own code (e.g. DNABERT-S)"
+    )
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> ModelSpec:
+        if self.window_overlap >= self.max_residues:
+            raise ValueError("model.windowOverlap must be smaller than model.maxResidues")
+        return self
+
+    @property
+    def is_esm2(self) -> bool:
+        return self.name in ESM2_MODELS
+
+
+class CheckpointSpec(Model):
+    every_sequences: int = Field(10000, ge=1, description="Commit a part every N sequences")
+    every_seconds: float = Field(300, gt=0, description="…or every T seconds, whichever first")
+    shutdown_deadline_seconds: float = Field(
+        20, gt=0, description="After SIGTERM, wait at most this long for the final upload"
+    )
+
+
+class RetrySpec(Model):
+    """Attempt budgets per failure type; only attempts that committed nothing new count."""
+
+    preempted: int = Field(100, ge=0, description="Cap on preemptions in a row without progress")
+    gpu_oom: int = Field(4, ge=0)
+    host_oom: int = Field(2, ge=0)
+    cuda_error: int = Field(2, ge=0)
+    numerical: int = Field(2, ge=0)
+    storage_error: int = Field(5, ge=0, description="Transient storage errors")
+    stuck: int = Field(3, ge=0)
+    generic: int = Field(3, ge=0)
+    backoff_seconds: float = Field(10, ge=0, description="First backoff; doubles per attempt")
+    max_backoff_seconds: float = Field(600, ge=0)
+    quarantine: bool = Field(
+        True, description="Quarantine sequences that crash the model twice, and go on"
+    )
+
+    def budget(self, failure: FailureType) -> int:
+        return int(getattr(self, failure.value, 0))
+
+
+class ResourcesSpec(Model):
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per worker pod")
+    cpu: str = Field("4")
+    memory: str = Field("16Gi")
+
+
+class StorageSpec(Model):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO…)")
+    region: str | None = None
+    credentials_secret: str | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (else IRSA)"
+    )
+
+
+class EmbeddingJobSpec(Model):
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    shards: int = Field(1, ge=1, le=100000, description="Number of shards (worker pods)")
+    parallelism: int | None = Field(None, ge=1, description="Shards running at once (default all)")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    suspend: bool = False
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    image: str | None = Field(None, description="Worker image (default: the operator's setting)")
+    template: dict[str, Any] | None = Field(
+        None,
+        description="Pod template fragment merged into worker pods (nodeSelector, tolerations, "
+        "affinity, priorityClassName, serviceAccountName, env, volumes)",
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @property
+    def effective_parallelism(self) -> int:
+        return min(self.parallelism or self.shards, self.shards)
+
+
+class Metadata(Model):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+
+
+class EmbeddingJob(Model):
+    api_version: Literal["embedjob.io/v1alpha1"] = "embedjob.io/v1alpha1"
+    kind: Literal["EmbeddingJob"] = "EmbeddingJob"
+    metadata: Metadata
+    spec: EmbeddingJobSpec
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    indexing = "Indexing"
+    running = "Running"
+    merging = "Merging"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+class ShardState(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    backoff = "Backoff"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class Condition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+
+
+class LastFailure(Model):
+    type: str
+    message: str
+    time: str
+
+
+class ShardEntry(Model):
+    """One unfinished shard in the status manifest; finished shards are range strings."""
+
+    shard: int
+    state: ShardState = ShardState.pending
+    attempt: int = 0
+    pod: str | None = None
+    done: int = 0
+    total: int = 0
+    batch_tokens: int | None = None
+    precision: str | None = None
+    failures: dict[str, int] = Field(default_factory=dict)
+    last_failure: LastFailure | None = None
+    quarantined: int = 0
+    not_before: str | None = None
+
+
+class Progress(Model):
+    done: int = 0
+    total: int = 0
+    percent: float = 0.0
+    rate: float = 0.0
+    eta_seconds: float | None = None
+    eta: str | None = None
+
+
+class EmbeddingJobStatus(Model):
+    phase: Phase = Phase.pending
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    progress: Progress = Field(default_factory=Progress)
+    shards_done: str = Field("", description="Finished shards as ranges, e.g. '0-41,43'")
+    shards_failed: str = ""
+    shard_count: int = 0
+    manifest: list[ShardEntry] = Field(default_factory=list)
+    message: str = ""
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "__root__") or "spec"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; fields are camelCase)"
+    elif first["type"] == "literal_error" or first["type"] == "enum":
+        msg = f"{msg}"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"invalid EmbeddingJob: {where}: {msg}{more}"
+
+
+def parse_job(doc: Any) -> EmbeddingJob:
+    """Validate a parsed YAML document; raise ConfigError with a one-line message."""
+    if not isinstance(doc, dict):
+        raise ConfigError("invalid EmbeddingJob: expected a mapping with apiVersion, kind, spec")
+    try:
+        return EmbeddingJob.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def parse_spec(spec: Any) -> EmbeddingJobSpec:
+    """Validate a bare spec (as the operator receives it)."""
+    try:
+        return EmbeddingJobSpec.model_validate(spec)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err).replace("EmbeddingJob: ", "EmbeddingJob: spec.", 1))
+
+
+def load_job(path: str | Path) -> EmbeddingJob:
+    """Read an EmbeddingJob YAML file (the same one ``kubectl apply`` takes)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read job file {path}: {err.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_job(doc)
+
+
+def dump_spec(spec: EmbeddingJobSpec) -> dict[str, Any]:
+    """The spec as camelCase JSON-ready data (what a pod receives)."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
