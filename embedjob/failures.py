@@ -6,6 +6,7 @@ code; the operator and the local runner read both back with :func:`classify_exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -171,10 +172,8 @@ class TerminationMessage:
 def write_termination_message(msg: TerminationMessage, path: str | None = None) -> None:
     """Best effort: outside a pod the default path is usually not writable."""
     target = Path(path or os.environ.get("EMBEDJOB_TERMINATION_LOG", DEFAULT_TERMINATION_LOG))
-    try:
+    with contextlib.suppress(OSError):
         target.write_text(msg.to_json())
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,22 @@ def shard_parts(shard: int) -> str:
     return f"{shard_dir(shard)}/parts/"
 
 
-def part_key(shard: int, attempt: int, start: int, count: int) -> str:
-    """A part holds shard sequences [start, start+count) as written by one attempt."""
-    return f"{shard_parts(shard)}{start:09d}-{count:07d}-a{attempt:04d}.npz"
+def part_name(attempt: int, index: int) -> str:
+    """Parts are named per attempt, so concurrent attempts never write the same key."""
+    return f"a{attempt:04d}-{index:06d}"
 
 
-def commit_key(shard: int, start: int) -> str:
-    """Created exactly once per range start: the first committed writer wins."""
-    return f"{shard_dir(shard)}/commits/{start:09d}.json"
+def part_key(shard: int, name: str) -> str:
+    return f"{shard_parts(shard)}{name}.npz"
+
+
+def shard_commits(shard: int) -> str:
+    return f"{shard_dir(shard)}/commits/"
+
+
+def commit_key(shard: int, name: str) -> str:
+    """Written after the part's upload: a part without one does not count."""
+    return f"{shard_commits(shard)}{name}.json"
 
 
 def shard_progress(shard: int) -> str:

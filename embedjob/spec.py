@@ -287,7 +287,8 @@ def parse_spec(spec: Any) -> EmbeddingJobSpec:
     try:
         return EmbeddingJobSpec.model_validate(spec)
     except ValidationError as err:
-        raise ConfigError(_format_error(err).replace("EmbeddingJob: ", "EmbeddingJob: spec.", 1))
+        message = _format_error(err).replace("EmbeddingJob: ", "EmbeddingJob: spec.", 1)
+        raise ConfigError(message) from None
 
 
 def load_job(path: str | Path) -> EmbeddingJob:

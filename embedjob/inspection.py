@@ -1,0 +1,86 @@
+"""``embedjob inspect``: what a job's output holds, and whether every file checks out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from embedjob import layout
+from embedjob.failures import ConfigError
+from embedjob.spec import StorageSpec
+from embedjob.store import Store, open_store
+
+
+def _sha256(store: Store, key: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with store.open_read(key) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
+    """Problems found: a missing file, a checksum or count that disagrees, a repeated id."""
+    import tempfile
+
+    import h5py
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="embedjob-verify-") as tmp:
+        for entry in manifest["shards"]:
+            key = entry["file"]
+            if not store.exists(key):
+                problems.append(f"{key}: missing")
+                continue
+            sha, _ = _sha256(store, key)
+            if sha != entry["sha256"]:
+                problems.append(f"{key}: sha256 {sha[:12]}… does not match the manifest")
+                continue
+            local = f"{tmp}/shard.h5"
+            store.download_file(key, local)
+            with h5py.File(local, "r") as h5:
+                ids = [i.decode() if isinstance(i, bytes) else i for i in h5["ids"][:]]
+                if len(ids) != entry["count"] or h5["embeddings"].shape[0] != entry["count"]:
+                    problems.append(f"{key}: {len(ids)} rows, manifest says {entry['count']}")
+                repeated = seen.intersection(ids)
+                if repeated:
+                    problems.append(f"{key}: {len(repeated)} ids appear in another shard too")
+                seen.update(ids)
+    return problems
+
+
+def inspect_output(uri: str, *, verify: bool = False,
+                   endpoint_url: str | None = None) -> tuple[dict[str, Any], bool]:
+    store = open_store(uri, StorageSpec(endpoint_url=endpoint_url))
+    if not store.exists(layout.MANIFEST):
+        if store.exists(layout.STATUS):
+            status = json.loads(store.read_bytes(layout.STATUS))
+            p = status.get("progress", {})
+            text = (f"{uri}: not finished — phase {status.get('phase')}, "
+                    f"{p.get('done', 0)}/{p.get('total', 0)} sequences, "
+                    f"shards done {status.get('shardsDone') or 'none'}")
+            return {"text": text, "status": status}, False
+        raise ConfigError(f"{uri} holds no embedjob output (no manifest.json or status.json)")
+    manifest = json.loads(store.read_bytes(layout.MANIFEST))
+    lines = [
+        f"{uri}",
+        f"  model {manifest['model']} layer {manifest['layer']} pooling {manifest['pooling']} "
+        f"precision {manifest['precision']} dtype {manifest['dtype']} dim {manifest['dim']}",
+        f"  {manifest['sequences']} sequences in {len(manifest['shards'])} shards"
+        + (f", merged into {manifest['merged']}" if manifest.get("merged") else ""),
+    ]
+    if manifest.get("quarantined"):
+        lines.append(f"  quarantined (left out): {', '.join(manifest['quarantined'][:10])}")
+    report: dict[str, Any] = {"manifest": manifest}
+    ok = True
+    if verify:
+        problems = verify_files(store, manifest)
+        report["problems"] = problems
+        ok = not problems
+        lines.append("  verified: every file matches the manifest" if ok else "  PROBLEMS:")
+        lines.extend(f"    {p}" for p in problems)
+    report["text"] = "\n".join(lines)
+    return report, ok

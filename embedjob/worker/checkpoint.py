@@ -1,0 +1,276 @@
+"""Checkpoint parts: immutable, counted once committed, validated on resume.
+
+A part is an ``.npz`` of ``positions`` (rows of the shard input), ``ids`` and
+``embeddings``, named per attempt so two attempts of a shard never write the same key. It
+counts only once its commit record exists, and the record is written after the part's
+upload has finished, so a part cut short by a kill is never trusted. On resume every
+committed part is read back and checked (checksum, count, ids against the shard input);
+anything that fails is dropped and its sequences are embedded again. Where two attempts
+embedded the same row, the first committed part in name order wins, so the result does
+not depend on timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from embedjob import layout
+from embedjob.failures import EmbedjobError, StorageError
+from embedjob.logs import log
+from embedjob.store import Store
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    name: str
+    attempt: int
+    count: int
+    sha256: str
+    size: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CommitRecord:
+        return cls(**json.loads(data))
+
+
+@dataclass(frozen=True)
+class Part:
+    positions: np.ndarray
+    ids: np.ndarray
+    embeddings: np.ndarray
+
+
+def encode_part(positions: np.ndarray, ids: Sequence[str], embeddings: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, positions=positions.astype(np.int64), ids=np.asarray(ids, dtype=str),
+             embeddings=embeddings)
+    return buf.getvalue()
+
+
+def decode_part(data: bytes) -> Part:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return Part(npz["positions"], npz["ids"], npz["embeddings"])
+
+
+def attempt_of(name: str) -> int:
+    return int(name[1:5])
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Committed:
+    """The validated parts of a shard and which input rows they cover."""
+
+    parts: list[CommitRecord]
+    done: np.ndarray  # bool per shard row
+
+    @property
+    def count(self) -> int:
+        return int(self.done.sum())
+
+
+def _valid_part(rec: CommitRecord, data: bytes, ids: Sequence[str]) -> str | None:
+    """Why a committed part cannot be trusted, or None."""
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
+        return "checksum mismatch"
+    try:
+        part = decode_part(data)
+    except (ValueError, OSError, KeyError) as err:
+        return f"unreadable ({err})"
+    n = len(part.positions)
+    if n != rec.count or len(part.ids) != n or len(part.embeddings) != n:
+        return "count mismatch"
+    if n and (part.positions.min() < 0 or part.positions.max() >= len(ids)):
+        return "rows outside the shard"
+    if any(ids[p] != i for p, i in zip(part.positions.tolist(), part.ids.tolist(), strict=True)):
+        return "ids do not match the shard input"
+    return None
+
+
+def load_committed(store: Store, shard: int, ids: Sequence[str]) -> Committed:
+    """Read back and check every committed part; drop the records of broken ones."""
+    done = np.zeros(len(ids), dtype=bool)
+    good: list[CommitRecord] = []
+    for key in sorted(store.list(layout.shard_commits(shard))):
+        try:
+            rec = CommitRecord.from_json(store.read_bytes(key))
+            data = store.read_bytes(layout.part_key(shard, rec.name))
+            problem = _valid_part(rec, data, ids)
+        except (ValueError, TypeError, KeyError) as err:
+            problem, rec = f"bad commit record ({err})", None
+        except StorageError as err:
+            problem = f"part missing ({err})"
+        if problem:
+            log("part.rejected", key=key, reason=problem)
+            store.delete(key)
+            continue
+        assert rec is not None
+        good.append(rec)
+        done[decode_part(data).positions] = True
+    return Committed(good, done)
+
+
+def clean_uncommitted(store: Store, shard: int, attempt: int, committed: Committed) -> int:
+    """Delete parts of earlier attempts that never got a commit record."""
+    keep = {rec.name for rec in committed.parts}
+    removed = 0
+    for key in list(store.list(layout.shard_parts(shard))):
+        name = key.rsplit("/", 1)[-1].removesuffix(".npz")
+        if name not in keep and attempt_of(name) < attempt:
+            store.delete(key)
+            removed += 1
+    return removed
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+@dataclass
+class ProgressState:
+    """What progress.json reports; updated by the upload threads under a lock."""
+
+    shard: int
+    attempt: int
+    total: int
+    committed: int
+    parts: int
+    started: float
+    committed_at_start: int
+    batch_tokens: int
+    precision: str
+    quarantined: int = 0
+
+    def document(self, extra: dict[str, object]) -> bytes:
+        elapsed = max(time.time() - self.started, 1e-6)
+        new = self.committed - self.committed_at_start
+        doc = {
+            "shard": self.shard,
+            "attempt": self.attempt,
+            "total": self.total,
+            "done": self.committed,
+            "parts": self.parts,
+            "rate": round(new / elapsed, 3),
+            "batchTokens": self.batch_tokens,
+            "precision": self.precision,
+            "quarantined": self.quarantined,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class PartWriter:
+    """Buffers results and commits them as parts in the background.
+
+    At most ``max_in_flight`` parts are being uploaded at once; ``flush`` blocks beyond
+    that, which keeps host memory flat when the store is slower than the model.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        progress: ProgressState,
+        *,
+        every_sequences: int,
+        every_seconds: float,
+        max_in_flight: int = 2,
+        extra_progress: Callable[[], dict[str, object]] = dict,
+    ) -> None:
+        self.store, self.progress = store, progress
+        self.every_sequences, self.every_seconds = every_sequences, every_seconds
+        self.extra_progress = extra_progress
+        self._buffer: list[tuple[np.ndarray, list[str], np.ndarray]] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self._next_index = 0
+        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="upload")
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def committed(self) -> int:
+        with self._lock:
+            return self.progress.committed
+
+    def add(self, positions: np.ndarray, ids: list[str], embeddings: np.ndarray) -> None:
+        self._raise_upload_error()
+        self._buffer.append((positions, ids, embeddings))
+        self._buffered += len(ids)
+
+    def due(self) -> bool:
+        waited = time.monotonic() - self._last_flush
+        return self._buffered >= self.every_sequences or (
+            self._buffered > 0 and waited >= self.every_seconds
+        )
+
+    def flush(self) -> None:
+        """Hand the buffered rows to an upload thread as one part."""
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        positions = np.concatenate([b[0] for b in self._buffer])
+        ids = [i for b in self._buffer for i in b[1]]
+        embeddings = np.concatenate([b[2] for b in self._buffer])
+        self._buffer, self._buffered = [], 0
+        name = layout.part_name(self.progress.attempt, self._next_index)
+        self._next_index += 1
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._commit, name, positions, ids, embeddings))
+        self._raise_upload_error()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush and wait for every upload; False if some did not finish in time."""
+        try:
+            self.flush()
+        except EmbedjobError as err:
+            log("checkpoint.failed", error=str(err))
+        finished, pending = wait(self._futures, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        failed = [f.exception() for f in finished if f.exception() is not None]
+        for err in failed:
+            log("checkpoint.failed", error=str(err))
+        return not pending and not failed
+
+    def _commit(self, name: str, positions: np.ndarray, ids: list[str], emb: np.ndarray) -> None:
+        try:
+            data = encode_part(positions, ids, emb)
+            shard = self.progress.shard
+            self.store.write_bytes(layout.part_key(shard, name), data)
+            rec = CommitRecord(name, self.progress.attempt, len(ids),
+                               hashlib.sha256(data).hexdigest(), len(data))
+            self.store.write_bytes(layout.commit_key(shard, name), rec.to_json())
+            with self._lock:
+                self.progress.committed += len(ids)
+                self.progress.parts += 1
+                doc = self.progress.document(self.extra_progress())
+                self.store.write_bytes(layout.shard_progress(shard), doc)
+            log("checkpoint.committed", part=name, sequences=len(ids),
+                committed=self.progress.committed, total=self.progress.total)
+        finally:
+            self._slots.release()
+
+    def write_progress(self) -> None:
+        with self._lock:
+            doc = self.progress.document(self.extra_progress())
+        self.store.write_bytes(layout.shard_progress(self.progress.shard), doc)
+
+    def _raise_upload_error(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        self._futures = [f for f in self._futures if not f.done()]

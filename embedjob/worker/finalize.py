@@ -1,0 +1,107 @@
+"""Finish a job: the job manifest from the shard manifests, and the optional merged file."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from embedjob import layout
+from embedjob.failures import ConfigError
+from embedjob.logs import log
+from embedjob.spec import EmbeddingJobSpec
+from embedjob.store import Store, open_store
+from embedjob.worker.assemble import BLOCK_ROWS, sha256_file
+from embedjob.worker.index import load_summary
+
+MANIFEST_VERSION = 1
+
+
+def shard_manifests(store: Store, shards: int) -> list[dict[str, Any]]:
+    missing = [k for k in range(shards) if not store.exists(layout.shard_done(k))]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} shards are not finished (first: {missing[0]}): run their workers first"
+        )
+    return [json.loads(store.read_bytes(layout.shard_done(k))) for k in range(shards)]
+
+
+def build_manifest(spec: EmbeddingJobSpec, summary: Any, shards: list[dict[str, Any]],
+                   attrs: dict[str, Any], job: str) -> dict[str, Any]:
+    """The job manifest (pure): what the output holds and how to check it."""
+    return {
+        "version": MANIFEST_VERSION,
+        "job": job,
+        "model": spec.model.name,
+        "layer": attrs.get("layer"),
+        "pooling": spec.model.pooling,
+        "precision": attrs.get("precision"),
+        "dtype": spec.output.dtype,
+        "dim": shards[0]["dim"] if shards else None,
+        "fingerprint": summary.fingerprint,
+        "sequences": sum(s["count"] for s in shards),
+        "quarantined": [i for s in shards for i in s.get("quarantined", [])],
+        "merged": layout.MERGED if spec.output.merge else None,
+        "shards": [
+            {"shard": s["shard"], "file": layout.shard_output(s["shard"]), "count": s["count"],
+             "sha256": s["sha256"], "bytes": s.get("bytes")}
+            for s in shards
+        ],
+    }
+
+
+def _first_attrs(store: Store, workdir: Path) -> dict[str, Any]:
+    local = workdir / "first.h5"
+    store.download_file(layout.shard_output(0), str(local))
+    with h5py.File(local, "r") as h5:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
+
+
+def merge_shards(store: Store, manifest: dict[str, Any], attrs: dict[str, Any],
+                 workdir: Path) -> str:
+    """Stream every shard file into one HDF5 file, shard by shard, block by block."""
+    total, dim = manifest["sequences"], manifest["dim"]
+    out = workdir / "merged.h5"
+    with h5py.File(out, "w") as merged:
+        ids = merged.create_dataset("ids", shape=(total,), dtype=h5py.string_dtype("utf-8"))
+        emb = merged.create_dataset("embeddings", shape=(total, dim), dtype=manifest["dtype"],
+                                    chunks=(max(1, min(total, 1024)), dim) if total else None)
+        row = 0
+        for entry in manifest["shards"]:
+            local = workdir / "shard.h5"
+            store.download_file(entry["file"], str(local))
+            with h5py.File(local, "r") as h5:
+                n = len(h5["ids"])
+                for lo in range(0, n, BLOCK_ROWS):
+                    hi = min(n, lo + BLOCK_ROWS)
+                    ids[row + lo : row + hi] = h5["ids"][lo:hi]
+                    emb[row + lo : row + hi] = h5["embeddings"][lo:hi]
+            row += n
+            local.unlink()
+        for key, value in attrs.items():
+            if key != "shard":
+                merged.attrs[key] = value
+    store.upload_file(layout.MERGED, str(out))
+    return sha256_file(out)
+
+
+def finalize(spec: EmbeddingJobSpec, job: str = "") -> dict[str, Any]:
+    """Write manifest.json (and embeddings.h5 when output.merge); idempotent."""
+    store = open_store(spec.output.uri, spec.storage)
+    if store.exists(layout.MANIFEST):
+        return json.loads(store.read_bytes(layout.MANIFEST))
+    summary = load_summary(store)
+    if summary is None:
+        raise ConfigError(f"no index in {store.uri}: run `embedjob index` first")
+    shards = shard_manifests(store, summary.shards)
+    with tempfile.TemporaryDirectory(prefix="embedjob-finalize-") as tmp:
+        attrs = _first_attrs(store, Path(tmp))
+        manifest = build_manifest(spec, summary, shards, attrs, job)
+        if spec.output.merge:
+            manifest["mergedSha256"] = merge_shards(store, manifest, attrs, Path(tmp))
+    store.write_bytes(layout.MANIFEST, json.dumps(manifest, indent=1).encode())
+    log("job.finalized", sequences=manifest["sequences"], shards=len(shards))
+    return manifest

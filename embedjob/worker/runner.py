@@ -1,0 +1,318 @@
+"""The shard worker: embed one shard, checkpointing as it goes, resuming where it stopped.
+
+Started the same way in a pod and by ``embedjob run``: everything comes from the
+environment (docs/architecture.md). The exit code and the termination message say why it
+stopped; 0 means the shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedjob import layout
+from embedjob.alphabets import alphabet_for
+from embedjob.failures import (
+    ConfigError,
+    EmbedjobError,
+    NumericalError,
+    Preempted,
+    StorageError,
+    TerminationMessage,
+    write_termination_message,
+)
+from embedjob.logs import bind, log
+from embedjob.spec import EmbeddingJobSpec, parse_spec
+from embedjob.store import Store, open_store
+from embedjob.worker.assemble import assemble_shard, sha256_file
+from embedjob.worker.batching import make_batches
+from embedjob.worker.checkpoint import (
+    PartWriter,
+    ProgressState,
+    clean_uncommitted,
+    load_committed,
+)
+from embedjob.worker.failpoints import Failpoints
+from embedjob.worker.index import load_summary
+from embedjob.worker.shard_input import ShardInput, load_shard_input
+
+RESUME_ROUNDS = 3
+"""Passes over what is still missing; a second pass only happens when a concurrent attempt
+deleted or broke a part this one counted on."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    spec: EmbeddingJobSpec
+    shard: int
+    attempt: int = 0
+    job: str = ""
+    max_tokens: int | None = None
+    precision: str | None = None
+    quarantine: frozenset[str] = frozenset()
+    isolate: tuple[str, ...] = ()
+    workdir: str | None = None
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.max_tokens or self.spec.model.max_tokens_per_batch
+
+
+def _json_list(text: str | None, name: str) -> list[str]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        raise ConfigError(f"{name} must be a JSON list of sequence ids") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a JSON list of sequence ids")
+    return [str(v) for v in value]
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    if not env.get(name):
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {env[name]!r}") from None
+
+
+def config_from_env(env: Mapping[str, str]) -> WorkerConfig:
+    """Read the worker contract (docs/architecture.md) from environment variables."""
+    if not env.get("EMBEDJOB_SPEC"):
+        raise ConfigError("EMBEDJOB_SPEC is not set: the worker needs the job spec as JSON")
+    try:
+        raw = json.loads(env["EMBEDJOB_SPEC"])
+    except ValueError:
+        raise ConfigError("EMBEDJOB_SPEC is not valid JSON") from None
+    return WorkerConfig(
+        spec=parse_spec(raw),
+        shard=_int(env, "EMBEDJOB_SHARD", 0) or 0,
+        attempt=_int(env, "EMBEDJOB_ATTEMPT", 0) or 0,
+        job=env.get("EMBEDJOB_JOB", ""),
+        max_tokens=_int(env, "EMBEDJOB_MAX_TOKENS_PER_BATCH", None),
+        precision=env.get("EMBEDJOB_PRECISION") or None,
+        quarantine=frozenset(_json_list(env.get("EMBEDJOB_QUARANTINE"), "EMBEDJOB_QUARANTINE")),
+        isolate=tuple(_json_list(env.get("EMBEDJOB_ISOLATE"), "EMBEDJOB_ISOLATE")),
+        workdir=env.get("EMBEDJOB_WORKDIR") or None,
+    )
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def install_stop_handler() -> threading.Event:
+    """SIGTERM/SIGINT ask the worker to stop at the next batch boundary and save."""
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            log("worker.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+# --- the embedding loop -------------------------------------------------------------------------
+
+
+def plan_batches(
+    lengths: np.ndarray, todo: np.ndarray, ids: list[str], isolate: set[str],
+    tokens_for: object, max_tokens: int,
+) -> list[np.ndarray]:
+    """Rows to embed, batched: isolated suspects alone first, then length-sorted batches."""
+    alone = np.asarray([r for r in todo.tolist() if ids[r] in isolate], dtype=np.int64)
+    rest = np.asarray([r for r in todo.tolist() if ids[r] not in isolate], dtype=np.int64)
+    costs = [tokens_for(int(n)) for n in lengths[rest]]  # type: ignore[operator]
+    batches = [np.asarray([r]) for r in alone]
+    batches += [rest[np.asarray(b, dtype=np.int64)] for b in make_batches(costs, max_tokens)]
+    return batches
+
+
+def check_finite(embeddings: np.ndarray, ids: list[str], precision: str) -> None:
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        first = ids[int(np.flatnonzero(bad)[0])]
+        raise NumericalError(
+            f"NaN/Inf in {int(bad.sum())} embeddings (first: {first}) at {precision}: "
+            "retry at a safer precision"
+        )
+
+
+@dataclass
+class Attempt:
+    """The state of one pass over a shard, for the termination message."""
+
+    batch: int | None = None
+    batch_ids: list[str] = field(default_factory=list)
+    done: int = 0
+
+
+def embed_rows(
+    cfg: WorkerConfig, embedder: object, shard_in: ShardInput, todo: np.ndarray,
+    writer: PartWriter, stop: threading.Event, attempt: Attempt,
+) -> None:
+    """Embed ``todo`` rows batch by batch, handing results to the writer."""
+    failpoints = Failpoints.from_env(cfg.shard, cfg.attempt)
+    dtype = np.dtype(cfg.spec.output.dtype)
+    batches = plan_batches(shard_in.lengths, todo, shard_in.ids, set(cfg.isolate),
+                           embedder.tokens_for, cfg.tokens_per_batch)  # type: ignore[attr-defined]
+    for number, rows in enumerate(batches):
+        if stop.is_set():
+            return
+        ids = [shard_in.ids[r] for r in rows.tolist()]
+        attempt.batch, attempt.batch_ids = number, ids
+        failpoints.before_batch(number, ids)
+        emb = embedder.embed([shard_in.seq(r) for r in rows.tolist()])  # type: ignore[attr-defined]
+        failpoints.after_batch(number, ids, emb)
+        check_finite(emb, ids, embedder.precision)  # type: ignore[attr-defined]
+        writer.add(rows, ids, emb.astype(dtype, copy=False))
+        attempt.done += len(ids)
+        attempt.batch, attempt.batch_ids = None, []
+        if writer.due():
+            writer.flush()
+
+
+def _gpu_memory() -> dict[str, object]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "gpuMemAllocated": torch.cuda.memory_allocated(),
+        "gpuMemPeak": torch.cuda.max_memory_allocated(),
+    }
+
+
+def _pending(done: np.ndarray, ids: list[str], quarantine: frozenset[str]) -> np.ndarray:
+    keep = np.fromiter((i not in quarantine for i in ids), dtype=bool, count=len(ids))
+    return np.flatnonzero(keep & ~done)
+
+
+def _run_pass(
+    cfg: WorkerConfig, store: Store, embedder: object, shard_in: ShardInput,
+    stop: threading.Event, attempt: Attempt,
+) -> bool:
+    """One pass over what is not yet committed; True when nothing was left to do."""
+    committed = load_committed(store, cfg.shard, shard_in.ids)
+    clean_uncommitted(store, cfg.shard, cfg.attempt, committed)
+    todo = _pending(committed.done, shard_in.ids, cfg.quarantine)
+    if len(todo) == 0:
+        return True
+    log("shard.resume" if committed.count else "shard.start", committed=committed.count,
+        todo=len(todo), total=len(shard_in))
+    progress = ProgressState(
+        shard=cfg.shard, attempt=cfg.attempt, total=len(shard_in), committed=committed.count,
+        parts=len(committed.parts), started=time.time(), committed_at_start=committed.count,
+        batch_tokens=cfg.tokens_per_batch, precision=embedder.precision,  # type: ignore[attr-defined]
+        quarantined=len(cfg.quarantine),
+    )
+    ckpt = cfg.spec.checkpoint
+    writer = PartWriter(store, progress, every_sequences=ckpt.every_sequences,
+                        every_seconds=ckpt.every_seconds, extra_progress=_gpu_memory)
+    try:
+        embed_rows(cfg, embedder, shard_in, todo, writer, stop, attempt)
+    except EmbedjobError as err:
+        saved = writer.close(ckpt.shutdown_deadline_seconds)
+        err.details.update(committed=writer.committed, saved=saved)
+        raise
+    saved = writer.close(ckpt.shutdown_deadline_seconds)
+    if stop.is_set():
+        state = "saved" if saved else "NOT all saved (upload deadline passed)"
+        raise Preempted(f"stopped by signal; progress {state}", committed=writer.committed)
+    return False
+
+
+def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: object,
+            workdir: Path) -> None:
+    """Assemble the shard file from parts, create it once, then the shard manifest."""
+    committed = load_committed(store, cfg.shard, shard_in.ids)
+    keep = np.fromiter((i not in cfg.quarantine for i in shard_in.ids), dtype=bool,
+                       count=len(shard_in))
+    model = cfg.spec.model
+    attrs = {
+        "model": model.name, "layer": embedder.layer, "pooling": model.pooling,  # type: ignore[attr-defined]
+        "precision": embedder.precision, "dtype": cfg.spec.output.dtype,  # type: ignore[attr-defined]
+        "shard": cfg.shard, "job": cfg.job,
+    }
+    path = assemble_shard(store, cfg.shard, shard_in.ids, committed, keep,
+                          dim=embedder.dim, dtype=cfg.spec.output.dtype,  # type: ignore[attr-defined]
+                          attrs=attrs, workdir=workdir)
+    created = store.create_file(layout.shard_output(cfg.shard), str(path))
+    if not created:
+        log("shard.output_exists", note="another attempt published first; keeping its file")
+        local = workdir / "existing.h5"
+        store.download_file(layout.shard_output(cfg.shard), str(local))
+        path = local
+    done = {
+        "shard": cfg.shard, "count": int(keep.sum()), "sha256": sha256_file(path),
+        "bytes": path.stat().st_size, "attempt": cfg.attempt, "dim": embedder.dim,  # type: ignore[attr-defined]
+        "quarantined": sorted(cfg.quarantine & set(shard_in.ids)),
+    }
+    store.create_bytes(layout.shard_done(cfg.shard), json.dumps(done).encode())
+
+
+def run_shard(cfg: WorkerConfig, stop: threading.Event, attempt: Attempt) -> None:
+    from embedjob.worker.models import load_embedder  # torch loads only here
+
+    spec = cfg.spec
+    store = open_store(spec.output.uri, spec.storage)
+    summary = load_summary(store)
+    if summary is None:
+        raise ConfigError(f"no index in {store.uri}: run `embedjob index` for this job first")
+    if not 0 <= cfg.shard < summary.shards:
+        raise ConfigError(f"shard {cfg.shard} does not exist (the job has {summary.shards})")
+    if store.exists(layout.shard_done(cfg.shard)):
+        log("shard.already_done")
+        return
+    alphabet = alphabet_for(spec)
+    root = cfg.workdir or os.environ.get("TMPDIR") or tempfile.gettempdir()
+    with tempfile.TemporaryDirectory(dir=root, prefix=f"embedjob-{cfg.shard:05d}-") as tmp:
+        workdir = Path(tmp)
+        shard_in = load_shard_input(store, cfg.shard, alphabet, workdir)
+        try:
+            embedder = load_embedder(spec.model, precision=cfg.precision, storage=spec.storage)
+            if stop.is_set():
+                raise Preempted("stopped by signal while loading the model; nothing to save")
+            for _ in range(RESUME_ROUNDS):
+                if _run_pass(cfg, store, embedder, shard_in, stop, attempt):
+                    break
+            else:
+                raise StorageError(f"shard {cfg.shard}: parts keep disappearing from the store")
+            publish(cfg, store, shard_in, embedder, workdir)
+        finally:
+            shard_in.close()
+    log("shard.done", sequences=len(shard_in) - len(cfg.quarantine & set(shard_in.ids)))
+
+
+def main(env: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``embedjob worker``: returns the exit code."""
+    attempt = Attempt()
+    stop = install_stop_handler()
+    try:
+        cfg = config_from_env(env if env is not None else os.environ)
+        bind(job=cfg.job or None, shard=cfg.shard, attempt=cfg.attempt)
+        run_shard(cfg, stop, attempt)
+        return 0
+    except EmbedjobError as err:
+        batch_ids = attempt.batch_ids if attempt.batch is not None else []
+        message = TerminationMessage(
+            type=err.failure.value, message=err.message,
+            committed=int(err.details.get("committed", 0)), done_this_attempt=attempt.done,
+            batch=attempt.batch, transient=getattr(err, "transient", False),
+            ids=list(err.details.get("ids", batch_ids)),
+        )
+        write_termination_message(message)
+        log("worker.failed", type=err.failure.value, error=err.message)
+        return err.exit_code
