@@ -250,6 +250,7 @@ class EmbeddingJobStatus(Model):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
     progress: Progress = Field(default_factory=Progress)
+    shards_ready: str = Field("", description="Finished/all shards, e.g. '3/10' (printer column)")
     shards_done: str = Field("", description="Finished shards as ranges, e.g. '0-41,43'")
     shards_failed: str = ""
     shard_count: int = 0

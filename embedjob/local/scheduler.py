@@ -120,6 +120,7 @@ def status_of(shards: list[Shard], phase: Phase, message: str = "") -> Embedding
         phase=phase,
         conditions=conditions if finished else [],
         progress=progress_of(shards),
+        shards_ready=f"{len(done)}/{len(shards)}",
         shards_done=format_ranges(done),
         shards_failed=format_ranges(failed),
         shard_count=len(shards),

@@ -136,6 +136,13 @@ def clean_uncommitted(store: Store, shard: int, attempt: int, committed: Committ
     return removed
 
 
+def discard_parts(store: Store, shard: int) -> None:
+    """Once the shard file and its manifest exist, the parts are only a second copy."""
+    for prefix in (layout.shard_commits(shard), layout.shard_parts(shard)):
+        for key in list(store.list(prefix)):
+            store.delete(key)
+
+
 # --- writing --------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from embedjob.worker.checkpoint import (
     PartWriter,
     ProgressState,
     clean_uncommitted,
+    discard_parts,
     load_committed,
 )
 from embedjob.worker.failpoints import Failpoints
@@ -261,6 +262,7 @@ def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: obj
         "quarantined": sorted(cfg.quarantine & set(shard_in.ids)),
     }
     store.create_bytes(layout.shard_done(cfg.shard), json.dumps(done).encode())
+    discard_parts(store, cfg.shard)
 
 
 def run_shard(cfg: WorkerConfig, stop: threading.Event, attempt: Attempt) -> None:
