@@ -100,6 +100,20 @@ class ModelSpec(Model):
             raise ValueError("model.windowOverlap must be smaller than model.maxResidues")
         return self
 
+    @model_validator(mode="after")
+    def _known_name(self) -> ModelSpec:
+        # A Hugging Face id has an owner ("org/name"); a bare name must be one we know, so a
+        # typo such as "esm2_t6_8M" fails here rather than after a pod has started.
+        known = (*ESM2_MODELS, "dnabert-s")
+        if self.name in known or "/" in self.name:
+            return self
+        if self.weights and not self.name.lower().startswith("esm"):
+            return self  # a local Hugging Face snapshot named by the user
+        raise ValueError(
+            f"unknown model {self.name!r}: use one of {', '.join(known)} "
+            "or a Hugging Face id such as 'facebook/esm2_t6_8M_UR50D'"
+        )
+
     @property
     def is_esm2(self) -> bool:
         return self.name in ESM2_MODELS

@@ -1,0 +1,78 @@
+"""Why did an attempt stop? From the pod as Kubernetes reports it. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from embedjob.failures import Failure, FailureType, TerminationMessage, classify_exit
+from embedjob.operator.views import PodView, ShardProgress
+
+PREEMPTION_REASONS = frozenset({"Evicted", "Shutdown", "NodeShutdown", "NodeLost",
+                                "Terminated", "Preempting", "DeletionByTaintManager"})
+
+
+def classify(pod: PodView) -> Failure:
+    """Classify a terminated pod (or one that vanished with its node)."""
+    if pod.container_reason == "OOMKilled":
+        return Failure(FailureType.host_oom, "container OOMKilled (memory limit)", node=pod.node)
+    message = TerminationMessage.from_json(pod.termination_message)
+    if message is not None:
+        return replace(classify_exit(pod.exit_code, message), node=pod.node)
+    if pod.disruption or pod.pod_reason in PREEMPTION_REASONS:
+        why = pod.disruption or pod.pod_reason or "disruption"
+        text = f"{why}: {pod.pod_message}" if pod.pod_message else why
+        return Failure(FailureType.preempted, text, node=pod.node)
+    if pod.exit_code is None:
+        text = pod.pod_message or pod.pod_reason or f"pod {pod.phase} without an exit code"
+        return Failure(FailureType.generic, text, node=pod.node)
+    return replace(classify_exit(pod.exit_code, None), node=pod.node)
+
+
+def vanished(pod_name: str | None) -> Failure:
+    """The attempt's pod is gone (deleted with its node, or by someone else)."""
+    return Failure(FailureType.preempted, f"pod {pod_name or '?'} disappeared")
+
+
+def node_lost(pod: PodView, now: datetime) -> Failure | None:
+    """A deleting pod that outlived its grace period (kubelet gone) counts as preempted."""
+    if pod.terminated:
+        return None
+    if pod.phase == "Unknown":
+        return Failure(FailureType.preempted, "pod phase Unknown (node lost)", node=pod.node)
+    if pod.deleting and now > pod.deleting + timedelta(seconds=30):
+        return Failure(FailureType.preempted, "pod deletion stalled (node lost)", node=pod.node)
+    return None
+
+
+def stuck(
+    pod: PodView, progress: ShardProgress | None, now: datetime, after_seconds: float
+) -> Failure | None:
+    """Running, but nothing committed for ``after_seconds`` (counting from the pod's start)."""
+    if pod.phase != "Running" or pod.deleting:
+        return None
+    since = pod.started or pod.created
+    if progress is not None and progress.updated and (since is None or progress.updated > since):
+        since = progress.updated
+    if since is None or (now - since).total_seconds() < after_seconds:
+        return None
+    idle = int((now - since).total_seconds())
+    return Failure(FailureType.stuck, f"no progress for {idle}s", node=pod.node)
+
+
+def unschedulable(pod: PodView, now: datetime, after_seconds: float) -> Failure | None:
+    if pod.phase != "Pending" or pod.unschedulable_since is None:
+        return None
+    waited = (now - pod.unschedulable_since).total_seconds()
+    if waited < after_seconds:
+        return None
+    text = (pod.unschedulable_message or "no node fits").splitlines()[0]
+    return Failure(FailureType.unschedulable, f"pending {int(waited)}s: {text}")
+
+
+def made_progress(pod: PodView, progress: ShardProgress | None) -> bool:
+    """Did this attempt commit anything new? progress.json first, the message as fallback."""
+    if progress is not None and progress.done > pod.start_done:
+        return True
+    message = TerminationMessage.from_json(pod.termination_message)
+    return message is not None and message.committed > pod.start_done

@@ -1,0 +1,110 @@
+"""Operator settings: one YAML/JSON file (the Helm chart renders it into a ConfigMap).
+
+Loaded from ``$EMBEDJOB_OPERATOR_CONFIG`` when set, else built-in defaults. Keys are
+camelCase; unknown keys are refused so that a typo in the chart's values never passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from embedjob.failures import ConfigError
+
+CONFIG_ENV = "EMBEDJOB_OPERATOR_CONFIG"
+DEFAULT_WORKER_IMAGE = "ghcr.io/embedjob/embedjob-worker:0.1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class WorkerStorage(_Model):
+    """S3 defaults for jobs whose spec.storage leaves them unset."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO…)")
+    region: str | None = Field(None, description="AWS region")
+    credentials_secret: str | None = Field(
+        None, description="Secret (in the job's namespace) with AWS_ACCESS_KEY_ID/…SECRET…"
+    )
+
+
+class WorkerDefaults(_Model):
+    """Pod settings applied to every worker pod; a job's spec.template overrides them."""
+
+    resources: dict[str, Any] | None = Field(
+        None, description="Pod resources (requests/limits) replacing the ones from spec.resources"
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    service_account_name: str | None = None
+    termination_grace_period_seconds: int = Field(90, ge=0)
+    env: list[dict[str, Any]] = Field(default_factory=list)
+    storage: WorkerStorage = Field(default_factory=WorkerStorage)
+
+
+class OperatorSettings(_Model):
+    worker_image: str = Field(DEFAULT_WORKER_IMAGE, description="Default worker image")
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty: cluster-wide"
+    )
+    metrics_port: int = Field(8080, ge=0, le=65535, description="Prometheus /metrics (0: off)")
+    liveness_port: int = Field(8081, ge=0, le=65535, description="/healthz (0: off)")
+    status_interval_seconds: float = Field(
+        5.0, gt=0, description="Shortest interval between two status patches of one job"
+    )
+    progress_poll_seconds: float = Field(
+        30.0, gt=0, description="How often shard progress.json files are read"
+    )
+    stuck_after_seconds: float = Field(
+        1800.0, gt=0, description="A running pod with no progress for this long is replaced"
+    )
+    unschedulable_after_seconds: float = Field(
+        300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"
+    )
+    worker_defaults: WorkerDefaults = Field(default_factory=WorkerDefaults)
+
+
+def load_settings(path: str | Path | None = None) -> OperatorSettings:
+    """Settings from ``path`` (or $EMBEDJOB_OPERATOR_CONFIG); defaults when neither is set."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return OperatorSettings()
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read operator config {path}: {err.strerror}") from None
+    return parse_settings(_parse_text(text, str(path)))
+
+
+def parse_settings(data: Any) -> OperatorSettings:
+    try:
+        return OperatorSettings.model_validate(data or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; keys are camelCase)"
+        raise ConfigError(f"invalid operator config: {where}: {msg}") from None
+
+
+def _parse_text(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,104 @@
+"""Every Kubernetes API call the operator makes (besides kopf's own), in one place.
+
+Each call here is covered by a rule in :mod:`embedjob.operator.rbac`. The official client
+is synchronous; calls run in worker threads so the event loop keeps serving other jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from embedjob.operator.reconcile import Event
+from embedjob.operator.views import JobView
+from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL
+
+log = logging.getLogger("embedjob.operator.kube")
+_api: client.ApiClient | None = None
+POOL_SIZE = 16
+
+
+def connect() -> client.ApiClient:
+    """In-cluster service account first, then the kubeconfig (local runs, tests)."""
+    global _api
+    if _api is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        conf = client.Configuration.get_default_copy()
+        conf.connection_pool_maxsize = POOL_SIZE
+        _api = client.ApiClient(conf)
+    return _api
+
+
+def reset() -> None:
+    """Forget the client (tests point the operator at a new emulator)."""
+    global _api
+    _api = None
+
+
+async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
+    """Create; False if it already exists (a repeated plan, an operator restart)."""
+    try:
+        await asyncio.to_thread(
+            client.CoreV1Api(connect()).create_namespaced_pod, namespace, manifest
+        )
+    except ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+    return True
+
+
+async def delete_pod(namespace: str, name: str) -> bool:
+    """Graceful delete (the pod's own grace period: the worker checkpoints on SIGTERM)."""
+    try:
+        await asyncio.to_thread(client.CoreV1Api(connect()).delete_namespaced_pod, name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """JSON merge patch of the status subresource."""
+    await asyncio.to_thread(
+        client.CustomObjectsApi(connect()).patch_namespaced_custom_object_status,
+        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch},
+    )
+
+
+async def post_event(job: JobView, event: Event) -> None:
+    """An Event on the EmbeddingJob; failures to post are logged, never fatal."""
+    now = datetime.now(timezone.utc)
+    body = {
+        "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+        "involvedObject": {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": job.name,
+            "namespace": job.namespace, "uid": job.uid,
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message,
+        "source": {"component": "embedjob-operator"},
+        "reportingComponent": "embedjob-operator",
+        "reportingInstance": "embedjob-operator",
+        "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "action": event.reason,
+        "count": 1,
+    }
+    try:
+        await asyncio.to_thread(
+            client.CoreV1Api(connect()).create_namespaced_event, job.namespace, body
+        )
+    except ApiException as err:
+        log.warning("could not post event %s on %s: %s", event.reason, job.name, err.reason)

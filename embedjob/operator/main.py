@@ -1,0 +1,296 @@
+"""The kopf operator: thin handlers around :func:`embedjob.operator.reconcile.reconcile`.
+
+One daemon per EmbeddingJob runs its loop (so reconciles of a job never overlap); pod
+changes land in a kopf index keyed by the job's uid and only wake that loop.
+Start it as a module (``embedjob operator`` or ``kopf run -m embedjob.operator.main``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+
+from embedjob import layout
+from embedjob.operator import kube, metrics
+from embedjob.operator.config import OperatorSettings, load_settings
+from embedjob.operator.reconcile import Plan, parse_ranges, reconcile
+from embedjob.operator.views import (
+    LABEL_JOB_UID,
+    ROLE_WORKER,
+    JobView,
+    PodView,
+    ShardProgress,
+    job_view,
+    pod_view,
+    progress_view,
+)
+from embedjob.spec import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger("embedjob.operator")
+SETTINGS: OperatorSettings = OperatorSettings()
+LOOPS: dict[str, JobLoop] = {}
+PHASES: dict[str, str] = {}
+SHARD_STATES: dict[str, dict[str, int]] = {}
+READ_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="embedjob-progress")
+
+
+# --- kopf handlers (thin) -----------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.scanning.disabled = True  # no CRD/namespace watching: see rbac.py
+    settings.posting.enabled = False  # our own Events, one per decision
+    settings.watching.server_timeout = 300
+    metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
+def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
+    view = pod_view(body)
+    uid = labels[LABEL_JOB_UID]
+    loop = LOOPS.get(uid)
+    if loop is not None:
+        loop.wake.set()
+    return {uid: view} if view is not None else {}
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def job_changed(uid: str, **_: Any) -> None:
+    loop = LOOPS.get(uid)
+    if loop is not None:
+        loop.wake.set()
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0)
+async def job_daemon(
+    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, pods_by_job: kopf.Index, **_: Any
+) -> None:
+    loop = LOOPS.setdefault(uid, JobLoop(uid))
+    try:
+        await loop.run(body, pods_by_job, stopped)
+    finally:
+        LOOPS.pop(uid, None)
+        PHASES.pop(uid, None)
+        SHARD_STATES.pop(uid, None)
+
+
+# --- the per-job loop (the imperative shell around reconcile) -----------------------------
+
+
+class JobLoop:
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+        self.wake = asyncio.Event()
+        self.posted: set[str] = set()
+        self.patched: dict[str, Any] | None = None
+        self.patched_at = 0.0
+        self.progress: dict[int, ShardProgress] = {}
+        self.progress_at = 0.0
+        self.summary_total: int | None = None
+        self.finished_cache: set[int] = set()
+
+    async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
+        while not stopped:
+            timeout = await self.step(body, index)
+            self.wake.clear()
+            deadline = time.monotonic() + timeout
+            while not stopped and not self.wake.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(asyncio.TimeoutError, ValueError):
+                    await asyncio.wait_for(self.wake.wait(), min(1.0, deadline - time.monotonic()))
+
+    async def step(self, body: kopf.Body, index: kopf.Index) -> float:
+        started = time.perf_counter()
+        job = job_view(body)
+        pods = [p for p in index.get(self.uid, ()) if p is not None]
+        if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
+            await self.read_progress(job, pods)
+        now = datetime.now(timezone.utc)
+        plan = reconcile(job, pods, self.progress, now, SETTINGS, self.summary_total)
+        await self.apply(job, plan)
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
+        if self.pending_status is not None:
+            wait = min(wait, max(0.0, SETTINGS.status_interval_seconds - self.since_patch()))
+        return max(wait, 0.05)
+
+    pending_status: dict[str, Any] | None = None
+
+    def since_patch(self) -> float:
+        return time.monotonic() - self.patched_at
+
+    async def apply(self, job: JobView, plan: Plan) -> None:
+        for manifest in plan.pods_to_create:
+            if await kube.create_pod(job.namespace, manifest):
+                role = manifest["metadata"]["labels"].get("embedjob.io/role", "?")
+                metrics.PODS_CREATED.labels(role=role).inc()
+                log.info(json.dumps({"job": job.name, "event": "pod_created",
+                                     "pod": manifest["metadata"]["name"]}))
+        for name in plan.pods_to_delete:
+            await kube.delete_pod(job.namespace, name)
+        for event in plan.events:
+            if event.key in self.posted:
+                continue
+            self.posted.add(event.key)
+            _count_decision(event.reason)
+            log.info(json.dumps({"job": job.name, "event": event.reason,
+                                 "message": event.message}))
+            await kube.post_event(job, event)
+        if plan.status is not None:
+            self.pending_status = plan.status
+            PHASES[self.uid] = plan.status.get("phase", "Pending")
+            SHARD_STATES[self.uid] = _shard_states(plan.status)
+            metrics.set_job_phases(PHASES)
+            metrics.set_shard_states(SHARD_STATES)
+        if self.pending_status is not None and (
+            plan.status_urgent or self.since_patch() >= SETTINGS.status_interval_seconds
+        ):
+            await self.flush(job)
+
+    async def flush(self, job: JobView) -> None:
+        new = self.pending_status
+        assert new is not None
+        old = self.patched if self.patched is not None else job_status_dict(job)
+        patch = merge_patch(old, new)
+        self.pending_status = None
+        if patch:
+            await kube.patch_status(job.namespace, job.name, patch)
+            self.patched_at = time.monotonic()
+        self.patched = new
+
+    async def read_progress(self, job: JobView, pods: list[PodView]) -> None:
+        if time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds and self.progress:
+            return
+        self.progress_at = time.monotonic()
+        assert job.spec is not None
+        done = parse_ranges(job.status.shards_done)
+        wanted = sorted({p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
+        try:
+            from embedjob.store import open_store
+
+            store = open_store(job.spec.output.uri, job.spec.storage)
+        except Exception as err:
+            log.warning("cannot open %s for progress: %s", job.spec.output.uri, err)
+            return
+        loop = asyncio.get_running_loop()
+        if self.summary_total is None:
+            self.summary_total = await loop.run_in_executor(READ_POOL, _summary_total, store)
+        results = await asyncio.gather(
+            *(loop.run_in_executor(READ_POOL, _read_progress, store, s) for s in wanted)
+        )
+        for shard, prog in zip(wanted, results, strict=True):
+            if prog is not None:
+                self.progress[shard] = prog
+                if shard in done:
+                    self.finished_cache.add(shard)
+
+
+def _read_progress(store: Any, shard: int) -> ShardProgress | None:
+    try:
+        return progress_view(shard, store.read_bytes(layout.shard_progress(shard)))
+    except Exception:
+        return None
+
+
+def _summary_total(store: Any) -> int | None:
+    try:
+        data = json.loads(store.read_bytes(layout.SUMMARY))
+    except Exception:
+        return None
+    for key in ("sequences", "total", "count"):
+        if isinstance(data.get(key), int):
+            return int(data[key])
+    return None
+
+
+def _count_decision(reason: str) -> None:
+    if reason.startswith("Retry"):
+        kind = "".join("_" + c.lower() if c.isupper() else c for c in reason[5:]).lstrip("_")
+        metrics.RETRIES.labels(failure_type=kind).inc()
+    elif reason == "ShardFailed":
+        metrics.FAILED_SHARDS.labels(failure_type="any").inc()
+
+
+def _shard_states(status: Mapping[str, Any]) -> dict[str, int]:
+    states: dict[str, int] = {}
+    for entry in status.get("manifest") or []:
+        states[entry.get("state", "Pending")] = states.get(entry.get("state", "Pending"), 0) + 1
+    states["Succeeded"] = len(parse_ranges(status.get("shardsDone")))
+    return states
+
+
+def job_status_dict(job: JobView) -> dict[str, Any]:
+    return job.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 diff: changed keys, nested dicts recursively, null for removed keys."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
+    """Run the operator until interrupted; cluster-wide unless namespaces are given."""
+    global SETTINGS
+    SETTINGS = load_settings(config_path)
+    _json_logs()
+    names = list(namespaces or SETTINGS.namespaces)
+    port = SETTINGS.liveness_port
+    liveness = f"http://0.0.0.0:{port}/healthz" if port else None
+    kube.connect()
+    kopf.run(
+        standalone=True,
+        clusterwide=not names,
+        namespaces=names,
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {"time": self.formatTime(record), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            data["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(data)
+
+
+def _json_logs() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if not sys.stderr.isatty():
+        handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

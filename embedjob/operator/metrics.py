@@ -1,0 +1,45 @@
+"""Prometheus metrics of the operator (served on settings.metricsPort)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+JOBS = Gauge("embedjob_jobs", "EmbeddingJobs by phase", ["phase"])
+SHARDS = Gauge("embedjob_shards", "Shards by state (all jobs)", ["state"])
+RETRIES = Counter("embedjob_retries_total", "Retry decisions by failure type", ["failure_type"])
+FAILED_SHARDS = Counter("embedjob_shards_failed_total", "Shards given up, by failure type",
+                        ["failure_type"])
+PODS_CREATED = Counter("embedjob_pods_created_total", "Pods created", ["role"])
+RECONCILE_SECONDS = Histogram(
+    "embedjob_reconcile_duration_seconds", "Time of one reconcile pass (pure part + apply)",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PREEMPTED_GPU_SECONDS = Counter(
+    "embedjob_preemption_gpu_seconds_lost_total",
+    "GPU-seconds of work since the last committed part, lost to preemptions (estimate)",
+)
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)
+
+
+def set_job_phases(phases: dict[str, str]) -> None:
+    """phases: job uid -> phase; the gauge is recomputed, not incremented (restarts)."""
+    counts: dict[str, int] = {}
+    for phase in phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase in ("Pending", "Indexing", "Running", "Merging", "Succeeded", "Failed",
+                  "Suspended"):
+        JOBS.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def set_shard_states(states: dict[str, dict[str, int]]) -> None:
+    """states: job uid -> {state: count}."""
+    total: dict[str, int] = {}
+    for per_job in states.values():
+        for state, n in per_job.items():
+            total[state] = total.get(state, 0) + n
+    for state in ("Pending", "Running", "Backoff", "Succeeded", "Failed"):
+        SHARDS.labels(state=state).set(total.get(state, 0))

@@ -1,0 +1,251 @@
+"""Pod manifests for the index, worker and finalize steps. Pure: data in, dict out."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from embedjob.failures import DEFAULT_TERMINATION_LOG, ConfigError
+from embedjob.operator.config import OperatorSettings
+from embedjob.operator.views import (
+    ANN_HISTORY,
+    ANN_LAST_FAILURE,
+    ANN_START_DONE,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_JOB_UID,
+    LABEL_ROLE,
+    LABEL_SHARD,
+    ROLE_FINALIZE,
+    ROLE_INDEX,
+    ROLE_WORKER,
+    JobView,
+)
+from embedjob.policy import ShardHistory, worker_env
+from embedjob.spec import API_GROUP, API_VERSION, KIND, EmbeddingJobSpec, dump_spec
+
+CONTAINER = "worker"
+CACHE_DIR = "/cache"
+TEMPLATE_KEYS = frozenset({
+    "nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+    "env", "volumes", "volumeMounts", "imagePullSecrets", "runtimeClassName", "schedulerName",
+    "labels", "annotations",
+})
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+COMMANDS = {ROLE_INDEX: "index", ROLE_WORKER: "worker", ROLE_FINALIZE: "finalize"}
+
+
+def pod_name(job: str, role: str, shard: int, attempt: int) -> str:
+    """Deterministic, so creating twice conflicts instead of duplicating."""
+    if role == ROLE_WORKER:
+        return f"{job}-{shard}-{attempt}"
+    return f"{job}-{role}-{attempt}"
+
+
+def effective_spec(spec: EmbeddingJobSpec, settings: OperatorSettings) -> EmbeddingJobSpec:
+    """The spec a worker receives: storage defaults from the operator filled in."""
+    defaults = settings.worker_defaults.storage
+    storage = spec.storage.model_copy(
+        update={
+            "endpoint_url": spec.storage.endpoint_url or defaults.endpoint_url,
+            "region": spec.storage.region or defaults.region,
+            "credentials_secret": spec.storage.credentials_secret or defaults.credentials_secret,
+        }
+    )
+    return spec.model_copy(update={"storage": storage})
+
+
+def build_pod(
+    job: JobView,
+    role: str,
+    shard: int,
+    attempt: int,
+    history: ShardHistory,
+    settings: OperatorSettings,
+    *,
+    start_done: int = 0,
+    last_failure: str | None = None,
+) -> dict[str, Any]:
+    """The manifest of one attempt. Raises ConfigError for an unusable spec.template."""
+    assert job.spec is not None
+    spec = effective_spec(job.spec, settings)
+    template = dict(spec.template or {})
+    unknown = sorted(set(template) - TEMPLATE_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(TEMPLATE_KEYS))
+        raise ConfigError(f"spec.template: unsupported key {unknown[0]!r}; allowed: {allowed}")
+    defaults = settings.worker_defaults
+    name = pod_name(job.name, role, shard, attempt)
+    labels = {
+        **(template.get("labels") or {}),
+        LABEL_JOB: job.name,
+        LABEL_JOB_UID: job.uid,
+        LABEL_ROLE: role,
+        LABEL_SHARD: str(shard) if role == ROLE_WORKER else role,
+        LABEL_ATTEMPT: str(attempt),
+        "app.kubernetes.io/managed-by": "embedjob",
+    }
+    annotations = {**(template.get("annotations") or {}), ANN_HISTORY: history.to_json()}
+    if start_done:
+        annotations[ANN_START_DONE] = str(start_done)
+    if last_failure:
+        annotations[ANN_LAST_FAILURE] = last_failure
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": defaults.termination_grace_period_seconds,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [_container(job, spec, role, shard, attempt, history, settings, template)],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            *copy.deepcopy(template.get("volumes") or []),
+        ],
+    }
+    _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": job.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def owner_reference(job: JobView) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _container(
+    job: JobView,
+    spec: EmbeddingJobSpec,
+    role: str,
+    shard: int,
+    attempt: int,
+    history: ShardHistory,
+    settings: OperatorSettings,
+    template: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "name": CONTAINER,
+        "image": spec.image or settings.worker_image,
+        "command": ["embedjob"],
+        "args": [COMMANDS[role]],
+        "env": _env(job, spec, shard, attempt, history, settings, template),
+        "resources": _resources(spec, settings, gpu=role == ROLE_WORKER),
+        "terminationMessagePath": DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            *copy.deepcopy(template.get("volumeMounts") or []),
+        ],
+    }
+
+
+def _env(
+    job: JobView,
+    spec: EmbeddingJobSpec,
+    shard: int,
+    attempt: int,
+    history: ShardHistory,
+    settings: OperatorSettings,
+    template: dict[str, Any],
+) -> list[dict[str, Any]]:
+    ours = {
+        "EMBEDJOB_SPEC": json.dumps(dump_spec(spec), separators=(",", ":"), sort_keys=True),
+        "EMBEDJOB_JOB": job.name,
+        "EMBEDJOB_SHARD": str(max(shard, 0)),
+        "EMBEDJOB_ATTEMPT": str(attempt),
+        "EMBEDJOB_TERMINATION_LOG": DEFAULT_TERMINATION_LOG,
+        "HOME": "/tmp",
+        "XDG_CACHE_HOME": CACHE_DIR,
+        "TORCH_HOME": f"{CACHE_DIR}/torch",
+        "HF_HOME": f"{CACHE_DIR}/huggingface",
+        **worker_env(history),
+    }
+    if spec.storage.region:
+        ours["AWS_REGION"] = spec.storage.region
+    user = [*settings.worker_defaults.env, *(template.get("env") or [])]
+    # Ours win: a user's EMBEDJOB_SHARD would break the contract, not customise it.
+    env = [copy.deepcopy(e) for e in user if e.get("name") not in ours]
+    env += [{"name": k, "value": v} for k, v in ours.items()]
+    secret = spec.storage.credentials_secret
+    if secret:
+        env = [e for e in env if e.get("name") not in AWS_KEYS]
+        env += [
+            {
+                "name": key,
+                "valueFrom": {
+                    "secretKeyRef": {"name": secret, "key": key, "optional": key == AWS_KEYS[2]}
+                },
+            }
+            for key in AWS_KEYS
+        ]
+    return env
+
+
+def _resources(spec: EmbeddingJobSpec, settings: OperatorSettings, gpu: bool) -> dict[str, Any]:
+    base = copy.deepcopy(settings.worker_defaults.resources or {})
+    requests = {**base.get("requests", {}), "cpu": spec.resources.cpu,
+                "memory": spec.resources.memory}
+    limits = {**base.get("limits", {}), "memory": spec.resources.memory}
+    if gpu and spec.resources.gpus:
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+    elif not gpu:
+        limits.pop("nvidia.com/gpu", None)
+    return {"requests": requests, "limits": limits}
+
+
+def _scheduling(
+    pod_spec: dict[str, Any],
+    defaults: dict[str, Any],
+    template: dict[str, Any],
+    role: str,
+    history: ShardHistory,
+) -> None:
+    """Template wins over operator defaults; avoided nodes are added as anti-affinity."""
+    for key in ("nodeSelector", "priorityClassName", "serviceAccountName", "affinity",
+                "runtimeClassName", "schedulerName", "imagePullSecrets"):
+        value = template.get(key, defaults.get(key))
+        if value:
+            pod_spec[key] = copy.deepcopy(value)
+    tolerations = [*defaults.get("tolerations", []), *(template.get("tolerations") or [])]
+    if tolerations:
+        pod_spec["tolerations"] = copy.deepcopy(tolerations)
+    if role == ROLE_WORKER and history.avoid_nodes:
+        pod_spec["affinity"] = avoid_nodes(pod_spec.get("affinity") or {}, history.avoid_nodes)
+
+
+def avoid_nodes(affinity: dict[str, Any], nodes: tuple[str, ...]) -> dict[str, Any]:
+    """Add `hostname NotIn nodes` to every required node-selector term (terms are ORed)."""
+    expr = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": list(nodes)}
+    result = copy.deepcopy(affinity)
+    required = result.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}
+    )
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({"matchExpressions": []})
+    for term in terms:
+        term.setdefault("matchExpressions", []).append(copy.deepcopy(expr))
+    return result

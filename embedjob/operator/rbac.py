@@ -1,0 +1,37 @@
+"""The exact Kubernetes permissions the operator needs, as data.
+
+The Helm chart renders its Role (one per watched namespace) or ClusterRole (cluster-wide
+mode) from :data:`REQUIRED_RULES`, and a test asserts that the rendered rules equal these.
+Every call in :mod:`embedjob.operator.kube` and every call kopf makes in our configuration
+(standalone, resource scanning off) is covered; nothing more. No Secrets: worker pods get
+credentials as secretKeyRef, which the kubelet resolves, not the operator.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class PolicyRule(TypedDict):
+    apiGroups: list[str]
+    resources: list[str]
+    verbs: list[str]
+
+
+REQUIRED_RULES: list[PolicyRule] = [
+    # kopf: the watch stream of jobs, finalizer and annotations (patch)
+    {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs"],
+     "verbs": ["list", "watch", "patch"]},
+    # kube.patch_status
+    {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs/status"], "verbs": ["patch"]},
+    # kopf: the pod index (list+watch); kube.create_pod / kube.delete_pod
+    {"apiGroups": [""], "resources": ["pods"],
+     "verbs": ["list", "watch", "create", "delete"]},
+    # kube.post_event and kopf's own events
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+"""Rules for a namespaced Role, or for the ClusterRole in cluster-wide mode (the same)."""
+
+CLUSTER_WIDE_EXTRA_RULES: list[PolicyRule] = []
+"""Nothing extra: kopf's CRD and namespace scanning is switched off (settings.scanning),
+so the CRD must exist before the operator starts (the chart installs it)."""

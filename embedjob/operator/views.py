@@ -1,0 +1,239 @@
+"""Plain views of what the operator observes (jobs, pods, shard progress), parsed from raw
+Kubernetes bodies and store records. Pure: no API calls here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from embedjob.failures import ConfigError
+from embedjob.spec import EmbeddingJobSpec, EmbeddingJobStatus, parse_spec
+
+GROUP = "embedjob.io"
+LABEL_JOB = f"{GROUP}/job"
+LABEL_JOB_UID = f"{GROUP}/job-uid"
+LABEL_SHARD = f"{GROUP}/shard"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_ROLE = f"{GROUP}/role"
+ANN_HISTORY = f"{GROUP}/history"
+ANN_START_DONE = f"{GROUP}/start-done"
+ANN_LAST_FAILURE = f"{GROUP}/last-failure"
+
+ROLE_INDEX = "index"
+ROLE_WORKER = "worker"
+ROLE_FINALIZE = "finalize"
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: EmbeddingJobSpec | None
+    spec_error: str | None
+    status: EmbeddingJobStatus
+    created: datetime | None = None
+
+
+def job_view(body: Mapping[str, Any]) -> JobView:
+    meta = body.get("metadata", {})
+    spec: EmbeddingJobSpec | None = None
+    error: str | None = None
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except ConfigError as err:
+        error = str(err)
+    return JobView(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        spec=spec,
+        spec_error=error,
+        status=_status(body.get("status")),
+        created=parse_time(meta.get("creationTimestamp")),
+    )
+
+
+def _status(raw: Any) -> EmbeddingJobStatus:
+    """The stored status, leniently: unknown keys (kopf's, older versions') are dropped."""
+    if not isinstance(raw, Mapping):
+        return EmbeddingJobStatus()
+    known = set(EmbeddingJobStatus.model_fields) | {
+        f.alias for f in EmbeddingJobStatus.model_fields.values() if f.alias
+    }
+    try:
+        return EmbeddingJobStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValueError:
+        return EmbeddingJobStatus()
+
+
+@dataclass(frozen=True)
+class PodView:
+    """One pod of a job, reduced to what reconcile and classify need."""
+
+    name: str
+    role: str  # index | worker | finalize
+    shard: int  # -1 for index/finalize
+    attempt: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    node: str | None = None
+    created: datetime | None = None
+    started: datetime | None = None
+    finished: datetime | None = None
+    deleting: datetime | None = None
+    grace_seconds: int = 30
+    exit_code: int | None = None
+    container_reason: str | None = None  # OOMKilled, Error, Completed
+    termination_message: str | None = None
+    pod_reason: str | None = None  # Evicted, Shutdown, NodeLost
+    pod_message: str | None = None
+    disruption: str | None = None  # reason of a DisruptionTarget=True condition
+    unschedulable_since: datetime | None = None
+    unschedulable_message: str | None = None
+    history: str | None = None  # JSON of the policy history this attempt started with
+    start_done: int = 0  # sequences committed when this attempt started
+    last_failure: str | None = None
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def active(self) -> bool:
+        return not self.terminated
+
+
+def pod_view(body: Mapping[str, Any]) -> PodView | None:
+    """None when the pod is not one of ours (missing or malformed labels)."""
+    meta = body.get("metadata", {})
+    labels = meta.get("labels") or {}
+    ann = meta.get("annotations") or {}
+    role = labels.get(LABEL_ROLE)
+    try:
+        attempt = int(labels.get(LABEL_ATTEMPT, ""))
+        shard = int(labels[LABEL_SHARD]) if role == ROLE_WORKER else -1
+    except (KeyError, ValueError):
+        return None
+    if role not in (ROLE_INDEX, ROLE_WORKER, ROLE_FINALIZE):
+        return None
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    term = _terminated(status)
+    unsched = _condition(status, "PodScheduled")
+    disruption = _condition(status, "DisruptionTarget")
+    try:
+        start_done = int(ann.get(ANN_START_DONE) or 0)
+    except ValueError:
+        start_done = 0
+    return PodView(
+        name=meta.get("name", ""),
+        role=role,
+        shard=shard,
+        attempt=attempt,
+        phase=status.get("phase") or "Pending",
+        node=spec.get("nodeName"),
+        created=parse_time(meta.get("creationTimestamp")),
+        started=parse_time(status.get("startTime")),
+        finished=parse_time(term.get("finishedAt")),
+        deleting=parse_time(meta.get("deletionTimestamp")),
+        grace_seconds=int(spec.get("terminationGracePeriodSeconds") or 30),
+        exit_code=term.get("exitCode"),
+        container_reason=term.get("reason"),
+        termination_message=term.get("message"),
+        pod_reason=status.get("reason"),
+        pod_message=status.get("message"),
+        disruption=(disruption or {}).get("reason") if _true(disruption) else None,
+        unschedulable_since=parse_time((unsched or {}).get("lastTransitionTime"))
+        if _unschedulable(unsched)
+        else None,
+        unschedulable_message=(unsched or {}).get("message") if _unschedulable(unsched) else None,
+        history=ann.get(ANN_HISTORY),
+        start_done=start_done,
+        last_failure=ann.get(ANN_LAST_FAILURE),
+    )
+
+
+def _terminated(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if "terminated" in state:
+            return state["terminated"] or {}
+        last = (cs.get("lastState") or {}).get("terminated")
+        if last:
+            return last
+    return {}
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def _true(cond: Mapping[str, Any] | None) -> bool:
+    return bool(cond) and cond.get("status") == "True"  # type: ignore[union-attr]
+
+
+def _unschedulable(cond: Mapping[str, Any] | None) -> bool:
+    return bool(cond) and cond.get("status") == "False" and cond.get("reason") == "Unschedulable"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """A shard's progress.json (written by the worker after each committed part)."""
+
+    shard: int
+    attempt: int = 0
+    total: int = 0
+    done: int = 0
+    parts: int = 0
+    rate: float = 0.0
+    updated: datetime | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def progress_view(shard: int, data: bytes | str | Mapping[str, Any]) -> ShardProgress | None:
+    """Parse progress.json leniently: an unreadable record is no record."""
+    try:
+        raw = json.loads(data) if isinstance(data, (bytes, str)) else dict(data)
+        return ShardProgress(
+            shard=shard,
+            attempt=int(raw.get("attempt") or 0),
+            total=int(raw.get("total") or 0),
+            done=int(raw.get("done") or 0),
+            parts=_count(raw.get("parts")),
+            rate=float(raw.get("rate") or 0.0),
+            updated=_updated(raw.get("updated")),
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _count(parts: Any) -> int:
+    return len(parts) if isinstance(parts, (list, dict)) else int(parts or 0)
+
+
+def _updated(value: Any) -> datetime | None:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+    return parse_time(value)

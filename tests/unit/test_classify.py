@@ -1,0 +1,86 @@
+"""Pod -> Failure classification, table-driven."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from operator_helpers import T0, job, with_state
+
+from embedjob.failures import FailureType, TerminationMessage
+from embedjob.operator import classify as cls
+from embedjob.operator.config import OperatorSettings
+from embedjob.operator.pods import build_pod
+from embedjob.operator.views import ShardProgress
+from embedjob.policy import ShardHistory
+
+F = FailureType
+MANIFEST = build_pod(job(), "worker", 0, 0, ShardHistory(), OperatorSettings())
+
+
+def msg(type_: str, **kw) -> str:
+    return TerminationMessage(type=type_, message="m", **kw).to_json()
+
+
+ROWS = [
+    ("oomkilled", dict(exit_code=137, reason="OOMKilled"), F.host_oom),
+    ("sigterm message", dict(exit_code=143, reason="Error", message=msg("preempted")),
+     F.preempted),
+    ("gpu oom message", dict(exit_code=80, reason="Error", message=msg("gpu_oom")), F.gpu_oom),
+    ("cuda by exit code", dict(exit_code=81, reason="Error"), F.cuda_error),
+    ("transient storage", dict(exit_code=75, reason="Error"), F.storage_error),
+    ("input", dict(exit_code=65, reason="Error", message=msg("input_error")), F.input_error),
+    ("evicted no container", dict(pod_reason="Evicted"), F.preempted),
+    ("disruption target", dict(exit_code=137, reason="Error", conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]),
+     F.preempted),
+    ("log tail as message", dict(exit_code=1, reason="Error", message="Traceback ...\nboom"),
+     F.generic),
+    ("no exit code", dict(), F.generic),
+]
+
+
+@pytest.mark.parametrize(("kw", "expected"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_classify(kw, expected) -> None:
+    pod = with_state(MANIFEST, "Failed", **kw)
+    failure = cls.classify(pod)
+    assert failure.type == expected
+    assert failure.node == "node-a"
+
+
+def test_transient_flag_survives() -> None:
+    pod = with_state(MANIFEST, "Failed", exit_code=75, reason="Error",
+                     message=msg("storage_error", transient=True))
+    assert cls.classify(pod).transient
+
+
+def test_stuck_counts_from_last_progress() -> None:
+    pod = with_state(MANIFEST, "Running", started=0)
+    prog = ShardProgress(shard=0, done=10, updated=T0 + timedelta(seconds=500))
+    assert cls.stuck(pod, prog, T0 + timedelta(seconds=1000), 600) is None
+    got = cls.stuck(pod, prog, T0 + timedelta(seconds=1200), 600)
+    assert got is not None and got.type == F.stuck
+    assert cls.stuck(pod, None, T0 + timedelta(seconds=700), 600) is not None
+
+
+def test_unschedulable_after_threshold() -> None:
+    cond = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes: insufficient nvidia.com/gpu", "lastTransitionTime":
+             "2025-01-01T00:00:00Z"}]
+    pod = with_state(MANIFEST, "Pending", conditions=cond)
+    assert cls.unschedulable(pod, T0 + timedelta(seconds=10), 300) is None
+    got = cls.unschedulable(pod, T0 + timedelta(seconds=400), 300)
+    assert got is not None and "nvidia.com/gpu" in got.message
+
+
+def test_node_lost() -> None:
+    assert cls.node_lost(with_state(MANIFEST, "Unknown"), T0) is not None
+    deleting = with_state(MANIFEST, "Running", deleting=0)
+    assert cls.node_lost(deleting, T0 + timedelta(seconds=10)) is None
+    assert cls.node_lost(deleting, T0 + timedelta(seconds=400)) is not None
+
+
+def test_made_progress() -> None:
+    pod = with_state(MANIFEST, "Failed", exit_code=143, reason="Error")
+    assert not cls.made_progress(pod, None)
+    assert cls.made_progress(pod, ShardProgress(shard=0, done=5))

@@ -1,0 +1,189 @@
+"""Table-driven tests of the pure retry policy (DESIGN §5)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from embedjob.failures import Failure, FailureType
+from embedjob.policy import Decision, ShardHistory, decide, worker_env
+from embedjob.spec import parse_spec
+
+F = FailureType
+
+
+def spec(**over: Any):
+    base: dict[str, Any] = {
+        "input": {"uri": "in.fa"},
+        "output": {"uri": "out/"},
+        "model": {"maxTokensPerBatch": 4096},
+    }
+    base.update(over)
+    return parse_spec(base)
+
+
+def hist(**kw: Any) -> ShardHistory:
+    return ShardHistory(**kw)
+
+
+def run_sequence(s, failures: list[tuple[Failure, bool]]) -> list[Decision]:
+    """Feed failures one after another, threading the history, as a runner does."""
+    h, out = ShardHistory(), []
+    for failure, progress in failures:
+        d = decide(s, replace(h, attempts=h.attempts + 1), failure, progress)
+        out.append(d)
+        h = d.history
+    return out
+
+
+SINGLE = [
+    # (name, spec overrides, history, failure, progress, action, check)
+    ("preempted retries at once", {}, hist(), Failure(F.preempted, "SIGTERM"), False, "retry",
+     lambda d: d.delay_seconds == 0 and d.history.preemptions_in_a_row == 1
+     and not d.history.failures),
+    ("preempted cap in a row", {"retry": {"preempted": 3}}, hist(preemptions_in_a_row=2),
+     Failure(F.preempted, ""), False, "fail", lambda d: "3 times in a row" in d.reason),
+    ("preempted with progress resets", {"retry": {"preempted": 3}},
+     hist(preemptions_in_a_row=2), Failure(F.preempted, ""), True, "retry",
+     lambda d: d.history.preemptions_in_a_row == 0),
+    ("gpu oom halves budget", {}, hist(), Failure(F.gpu_oom, "CUDA OOM"), False, "retry",
+     lambda d: d.history.max_tokens == 2048 and d.history.failures == {"gpu_oom": 1}),
+    ("gpu oom halves the override", {}, hist(max_tokens=1024), Failure(F.gpu_oom, ""), False,
+     "retry", lambda d: d.history.max_tokens == 512),
+    ("gpu oom floor", {}, hist(max_tokens=256), Failure(F.gpu_oom, ""), False, "fail",
+     lambda d: "smallest token budget" in d.reason),
+    ("gpu oom over budget", {"retry": {"gpuOom": 2}}, hist(failures={"gpu_oom": 1}),
+     Failure(F.gpu_oom, "x"), False, "fail", lambda d: "gpu_oom 2 time(s)" in d.reason),
+    ("gpu oom with progress never over budget", {"retry": {"gpuOom": 2}},
+     hist(failures={"gpu_oom": 1}), Failure(F.gpu_oom, "x"), True, "retry",
+     lambda d: d.history.failures == {}),
+    ("host oom smaller then give up", {}, hist(failures={"host_oom": 1}),
+     Failure(F.host_oom, "OOMKilled"), False, "fail", lambda d: "host_oom" in d.reason),
+    ("host oom first", {}, hist(), Failure(F.host_oom, "OOMKilled"), False, "retry",
+     lambda d: d.history.max_tokens == 2048),
+    ("numerical fp16 -> bf16", {"model": {"precision": "fp16"}}, hist(),
+     Failure(F.numerical, "NaN"), False, "retry", lambda d: d.history.precision == "bf16"),
+    ("numerical auto assumes fp16", {}, hist(), Failure(F.numerical, "NaN"), False, "retry",
+     lambda d: d.history.precision == "bf16"),
+    ("numerical auto resolved bf16", {}, hist(), Failure(F.numerical, "NaN in bf16"), False,
+     "retry", lambda d: d.history.precision == "fp32"),
+    ("numerical override bf16 -> fp32", {}, hist(precision="bf16"), Failure(F.numerical, ""),
+     False, "retry", lambda d: d.history.precision == "fp32"),
+    ("numerical fp32 fails", {"model": {"precision": "fp32"}}, hist(),
+     Failure(F.numerical, "NaN"), False, "fail", lambda d: "fp32" in d.reason),
+    ("input error fails at once", {}, hist(), Failure(F.input_error, "bad residue X at 3"),
+     False, "fail", lambda d: d.reason == "bad residue X at 3"),
+    ("storage permanent fails", {}, hist(), Failure(F.storage_error, "AccessDenied"), False,
+     "fail", lambda d: d.reason == "AccessDenied"),
+    ("storage transient backs off", {"retry": {"backoffSeconds": 5}},
+     hist(failures={"storage_error": 2}), Failure(F.storage_error, "503", transient=True),
+     False, "retry", lambda d: d.delay_seconds == 20),
+    ("storage transient budget", {"retry": {"storageError": 3}},
+     hist(failures={"storage_error": 2}), Failure(F.storage_error, "503", transient=True),
+     False, "fail", lambda d: "storage_error" in d.reason),
+    ("stuck replaced", {}, hist(), Failure(F.stuck, "no progress for 900s"), False, "retry",
+     lambda d: d.delay_seconds == 0 and d.history.failures == {"stuck": 1}),
+    ("generic backoff capped", {"retry": {"backoffSeconds": 100, "maxBackoffSeconds": 150,
+                                          "generic": 9}},
+     hist(failures={"generic": 3}), Failure(F.generic, "boom"), False, "retry",
+     lambda d: d.delay_seconds == 150),
+    ("generic first backoff", {"retry": {"backoffSeconds": 7}}, hist(),
+     Failure(F.generic, "boom"), False, "retry", lambda d: d.delay_seconds == 7),
+    ("generic budget", {"retry": {"generic": 1}}, hist(), Failure(F.generic, "boom"), False,
+     "fail", lambda d: "boom" in d.reason),
+    ("cuda avoids node", {}, hist(), Failure(F.cuda_error, "device assert", node="n1"), False,
+     "retry", lambda d: d.history.avoid_nodes == ("n1",) and "n1" in d.reason),
+    ("cuda circuit breaker", {}, hist(failures={"cuda_error": 1}, avoid_nodes=("n1",)),
+     Failure(F.cuda_error, "device assert", node="n2"), False, "fail",
+     lambda d: d.history.avoid_nodes == ("n1", "n2")),
+    ("cuda same batch twice bisects", {}, hist(failures={"cuda_error": 1}, suspects=("a", "b")),
+     Failure(F.cuda_error, "assert", ids=("b", "a")), False, "retry",
+     lambda d: set(d.isolate) == {"a", "b"} and d.history.suspects == ()),
+    ("cuda isolated single id quarantined", {}, hist(isolate=("a", "b")),
+     Failure(F.cuda_error, "assert", ids=("b",)), False, "retry",
+     lambda d: d.history.quarantined == ("b",) and d.isolate == ("a",)),
+    ("poison single id from worker", {}, hist(), Failure(F.poison_input, "x", ids=("z",)),
+     False, "retry", lambda d: d.history.quarantined == ("z",)),
+    ("poison without quarantine fails", {"retry": {"quarantine": False}}, hist(),
+     Failure(F.poison_input, "x", ids=("z",)), False, "fail",
+     lambda d: "retry.quarantine" in d.reason),
+    ("unschedulable spends nothing", {}, hist(), Failure(F.unschedulable, "no GPU"), False,
+     "retry", lambda d: d.history == ShardHistory()),
+]
+
+
+@pytest.mark.parametrize(
+    ("over", "history", "failure", "progress", "action", "check"),
+    [row[1:] for row in SINGLE],
+    ids=[row[0] for row in SINGLE],
+)
+def test_decide(over, history, failure, progress, action, check) -> None:
+    d = decide(spec(**over), history, failure, progress)
+    assert d.action == action, d.reason
+    assert check(d), d
+    assert "\n" not in d.reason and d.reason
+
+
+def test_flaky_spot_pool_never_fails_while_progressing() -> None:
+    s = spec(retry={"preempted": 2})
+    seq = [(Failure(F.preempted, "spot"), True)] * 50
+    assert all(d.retry for d in run_sequence(s, seq))
+
+
+def test_cuda_error_twice_on_different_batches_fails() -> None:
+    s = spec()
+    seq = [
+        (Failure(F.cuda_error, "e", node="n1", ids=("a",)), False),
+        (Failure(F.cuda_error, "e", node="n2", ids=("b",)), False),
+    ]
+    assert [d.action for d in run_sequence(s, seq)] == ["retry", "fail"]
+
+
+def test_poison_batch_bisected_then_quarantined_then_done() -> None:
+    s = spec()
+    batch = ("s1", "s2", "s3", "s4")
+    seq = [
+        (Failure(F.cuda_error, "assert", node="n1", ids=batch), False),
+        (Failure(F.cuda_error, "assert", node="n2", ids=batch), False),
+        (Failure(F.cuda_error, "assert", node="n3", ids=("s3",)), False),
+    ]
+    d1, d2, d3 = run_sequence(s, seq)
+    assert d1.retry and d1.history.suspects == batch
+    assert d2.retry and set(d2.isolate) == set(batch)
+    assert d3.retry and d3.history.quarantined == ("s3",)
+    assert "s3" not in d3.isolate
+    env = worker_env(d3.history)
+    assert env["EMBEDJOB_QUARANTINE"] == '["s3"]'
+    assert "EMBEDJOB_ISOLATE" in env
+
+
+def test_oom_walks_down_to_floor_then_fails() -> None:
+    s = spec(retry={"gpuOom": 100})
+    decisions = run_sequence(s, [(Failure(F.gpu_oom, "oom"), False)] * 6)
+    assert [d.history.max_tokens for d in decisions[:4]] == [2048, 1024, 512, 256]
+    assert decisions[4].action == "fail"
+
+
+def test_history_round_trips_through_json() -> None:
+    h = ShardHistory(
+        attempts=3, failures={"gpu_oom": 2}, max_tokens=512, precision="bf16",
+        avoid_nodes=("n1",), suspects=("a",), isolate=("b", "c"), quarantined=("d",),
+    )
+    assert ShardHistory.from_json(h.to_json()) == h
+    assert ShardHistory().to_json() == "{}"
+    assert ShardHistory.from_json("not json") == ShardHistory()
+
+
+def test_worker_env_empty_by_default() -> None:
+    assert worker_env(ShardHistory()) == {}
+    env = worker_env(ShardHistory(max_tokens=512, precision="fp32"))
+    assert env == {"EMBEDJOB_MAX_TOKENS_PER_BATCH": "512", "EMBEDJOB_PRECISION": "fp32"}
+
+
+def test_decide_is_pure() -> None:
+    s, h = spec(), ShardHistory(failures={"generic": 1})
+    f = Failure(F.generic, "x")
+    assert decide(s, h, f, False) == decide(s, h, f, False)
+    assert h.failures == {"generic": 1}

@@ -1,0 +1,206 @@
+"""The pure reconcile function: observed world in, plan out. Table-driven where it fits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from operator_helpers import T0, job, with_state
+
+from embedjob.failures import TerminationMessage
+from embedjob.operator.config import OperatorSettings
+from embedjob.operator.pods import build_pod
+from embedjob.operator.reconcile import format_ranges, parse_ranges, reconcile
+from embedjob.operator.views import ShardProgress
+from embedjob.policy import ShardHistory
+
+S = OperatorSettings()
+FRESH = ShardHistory()
+
+
+def names(plan) -> list[str]:
+    return [p["metadata"]["name"] for p in plan.pods_to_create]
+
+
+def worker(shard: int, attempt: int = 0, history: ShardHistory = FRESH, **spec):
+    return build_pod(job(**spec), "worker", shard, attempt, history, S)
+
+
+def running(shard: int, attempt: int = 0, **kw):
+    return with_state(worker(shard, attempt), "Running", **kw)
+
+
+def failed(shard: int, attempt: int = 0, history=FRESH, msg=None, code=1, **kw):
+    text = TerminationMessage(type=msg, message=f"{msg} happened").to_json() if msg else None
+    return with_state(worker(shard, attempt, history), "Failed", exit_code=code, reason="Error",
+                      message=text, **kw)
+
+
+def succeeded(shard: int, attempt: int = 0):
+    return with_state(worker(shard, attempt), "Succeeded", exit_code=0, reason="Completed")
+
+
+RUNNING = {"phase": "Running"}
+
+
+@pytest.mark.parametrize(
+    ("text", "numbers"),
+    [("", set()), ("0-3,5", {0, 1, 2, 3, 5}), ("7", {7}), ("0-1,3-4", {0, 1, 3, 4})],
+)
+def test_ranges(text, numbers) -> None:
+    assert parse_ranges(text) == numbers
+    assert format_ranges(numbers) == text
+
+
+def test_new_job_starts_index_pod() -> None:
+    plan = reconcile(job(), [], {}, T0, S)
+    assert names(plan) == ["j-index-0"]
+    assert plan.status["phase"] == "Indexing"
+    assert plan.status_urgent and plan.events[0].reason == "Indexing"
+
+
+def test_index_done_starts_shards_up_to_parallelism() -> None:
+    index = build_pod(job(), "index", -1, 0, ShardHistory(), S)
+    done = with_state(index, "Succeeded", exit_code=0, reason="Completed")
+    plan = reconcile(job({"phase": "Indexing"}, parallelism=2), [done], {}, T0, S)
+    assert names(plan) == ["j-0-0", "j-1-0"]
+    assert plan.status["phase"] == "Running"
+    assert [e["shard"] for e in plan.status["manifest"]] == [0, 1]
+
+
+def test_idempotent_when_pods_exist() -> None:
+    pods = [running(0), running(1), running(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    assert plan.pods_to_create == [] and plan.pods_to_delete == []
+
+
+def test_finished_shards_are_ranges_not_entries() -> None:
+    pods = [succeeded(0), succeeded(1), running(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    assert plan.status["shardsDone"] == "0-1"
+    assert [e["shard"] for e in plan.status["manifest"]] == [2]
+
+
+FAILURES = [
+    # (name, failed pod, expected new pod, event reason, shard state)
+    ("preempted -> at once", lambda: failed(1, msg="preempted", code=143), "j-1-1",
+     "RetryPreempted", None),
+    ("gpu oom -> smaller", lambda: failed(1, msg="gpu_oom", code=80), "j-1-1", "RetryGpuOom",
+     None),
+    ("input error -> fail", lambda: failed(1, msg="input_error", code=65), None, "ShardFailed",
+     "Failed"),
+    ("generic -> backoff", lambda: failed(1, msg=None, code=1), None, "RetryGeneric",
+     "Backoff"),
+    ("oomkilled", lambda: with_state(worker(1), "Failed", exit_code=137, reason="OOMKilled"),
+     "j-1-1", "RetryHostOom", None),
+]
+
+
+@pytest.mark.parametrize(("pod", "new", "reason", "state"), [r[1:] for r in FAILURES],
+                         ids=[r[0] for r in FAILURES])
+def test_failure_decisions(pod, new, reason, state) -> None:
+    pods = [running(0), pod(), running(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S)
+    assert names(plan) == ([new] if new else [])
+    assert [e.reason for e in plan.events] in ([reason], [reason, "Failed"])
+    entry = next(e for e in plan.status["manifest"] if e["shard"] == 1)
+    if state:
+        assert entry["state"] == state
+    assert entry["lastFailure"]["type"]
+
+
+def test_oom_override_reaches_the_new_pod() -> None:
+    plan = reconcile(job(RUNNING), [running(0), failed(1, msg="gpu_oom", code=80), running(2)],
+                     {}, T0, S)
+    env = {e["name"]: e.get("value") for e in plan.pods_to_create[0]["spec"]["containers"][0]
+           ["env"]}
+    assert env["EMBEDJOB_MAX_TOKENS_PER_BATCH"] == "8192"
+
+
+def test_input_error_fails_job_and_stops_others() -> None:
+    pods = [running(0), failed(1, msg="input_error", code=65), running(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    assert plan.status["phase"] == "Failed"
+    assert set(plan.pods_to_delete) == {"j-0-0", "j-2-0"}
+    cond = {c["type"]: c for c in plan.status["conditions"]}
+    assert cond["Failed"]["status"] == "True"
+    assert "input_error happened" in cond["Failed"]["message"]
+
+
+def test_cuda_twice_fails() -> None:
+    h = ShardHistory(attempts=2, failures={"cuda_error": 1}, avoid_nodes=("node-a",))
+    pods = [running(0), failed(1, attempt=1, history=h, msg="cuda_error", code=81), running(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    assert plan.status["phase"] == "Failed"
+    assert any(e.reason == "ShardFailed" and "cuda_error" in e.message for e in plan.events)
+
+
+def test_backoff_then_retry_after_delay() -> None:
+    pods = [running(0), failed(1, msg=None, code=1, finished=0), running(2)]
+    first = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S)
+    assert names(first) == [] and 0 < first.requeue_after <= 10
+    later = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=11), S)
+    assert names(later) == ["j-1-1"]
+
+
+def test_vanished_pod_is_preempted() -> None:
+    status = {"phase": "Running", "manifest": [{"shard": 1, "state": "Running", "attempt": 0,
+                                                "pod": "j-1-0"}]}
+    plan = reconcile(job(status), [running(0), running(2)], {}, T0, S)
+    assert names(plan) == ["j-1-1"]
+    assert plan.events[0].reason == "RetryPreempted"
+
+
+def test_stuck_pod_replaced_then_deleted() -> None:
+    pods = [running(0), running(1, started=0), running(2)]
+    prog = {1: ShardProgress(shard=1, done=5, updated=T0)}
+    now = T0 + timedelta(seconds=S.stuck_after_seconds + 1)
+    plan = reconcile(job(RUNNING), pods, prog, now, S)
+    assert "j-1-1" in names(plan) and "j-1-0" in plan.pods_to_delete
+
+
+def test_suspend_deletes_active_pods_and_resume_restarts() -> None:
+    pods = [running(0), succeeded(1), running(2)]
+    plan = reconcile(job(RUNNING, suspend=True), pods, {}, T0, S)
+    assert set(plan.pods_to_delete) == {"j-0-0", "j-2-0"}
+    assert plan.status["phase"] == "Suspended"
+    resumed = reconcile(job(plan.status), [succeeded(1)], {}, T0, S)
+    assert sorted(names(resumed)) == ["j-0-1", "j-2-1"]
+    assert not any(e.reason.startswith("Retry") for e in resumed.events)
+
+
+def test_all_done_runs_finalize_then_succeeds() -> None:
+    pods = [succeeded(0), succeeded(1), succeeded(2)]
+    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    assert names(plan) == ["j-finalize-0"] and plan.status["phase"] == "Merging"
+    fin = with_state(plan.pods_to_create[0], "Succeeded", exit_code=0, reason="Completed")
+    done = reconcile(job(plan.status), [*pods, fin], {}, T0, S)
+    assert done.status["phase"] == "Succeeded"
+    assert reconcile(job(done.status), [*pods, fin], {}, T0, S).status is None
+
+
+def test_invalid_spec_fails_with_condition() -> None:
+    plan = reconcile(job(shards=0), [], {}, T0, S)
+    assert plan.status["phase"] == "Failed"
+    cond = {c["type"]: c for c in plan.status["conditions"]}["Failed"]
+    assert cond["reason"] == "InvalidSpec" and "shards" in cond["message"]
+
+
+def test_progress_and_eta() -> None:
+    prog = {0: ShardProgress(shard=0, done=50, total=100, rate=5.0, updated=T0),
+            1: ShardProgress(shard=1, done=100, total=100, updated=T0),
+            2: ShardProgress(shard=2, done=0, total=100, rate=5.0, updated=T0)}
+    plan = reconcile(job(RUNNING), [running(0), succeeded(1), running(2)], prog, T0, S,
+                     summary_total=300)
+    p = plan.status["progress"]
+    assert p["done"] == 150 and p["total"] == 300 and p["percent"] == 50.0
+    assert p["etaSeconds"] == 15
+
+
+def test_status_stays_small_at_scale() -> None:
+    n = 10000
+    pods = [succeeded(s) for s in range(n - 50)] + [running(s) for s in range(n - 50, n)]
+    plan = reconcile(job(RUNNING, shards=n), pods, {}, T0, S)
+    import json
+    assert len(json.dumps(plan.status)) < 64 * 1024
+    assert plan.status["shardsDone"] == f"0-{n - 51}"
