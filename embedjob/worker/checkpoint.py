@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from embedjob import layout
-from embedjob.failures import EmbedjobError, StorageError
+from embedjob.failures import EmbedjobError
 from embedjob.logs import log
-from embedjob.store import Store
+from embedjob.store import ObjectNotFound, Store
 
 
 @dataclass(frozen=True)
@@ -83,22 +83,26 @@ class Committed:
         return int(self.done.sum())
 
 
-def _valid_part(rec: CommitRecord, data: bytes, ids: Sequence[str]) -> str | None:
-    """Why a committed part cannot be trusted, or None."""
+class PartRejected(Exception):
+    """A committed part that cannot be trusted; its rows are embedded again."""
+
+
+def _checked_part(rec: CommitRecord, data: bytes, ids: Sequence[str]) -> Part:
     if hashlib.sha256(data).hexdigest() != rec.sha256:
-        return "checksum mismatch"
+        raise PartRejected("checksum mismatch")
     try:
         part = decode_part(data)
     except (ValueError, OSError, KeyError) as err:
-        return f"unreadable ({err})"
+        raise PartRejected(f"unreadable ({err})") from None
     n = len(part.positions)
     if n != rec.count or len(part.ids) != n or len(part.embeddings) != n:
-        return "count mismatch"
+        raise PartRejected("count mismatch")
     if n and (part.positions.min() < 0 or part.positions.max() >= len(ids)):
-        return "rows outside the shard"
-    if any(ids[p] != i for p, i in zip(part.positions.tolist(), part.ids.tolist(), strict=True)):
-        return "ids do not match the shard input"
-    return None
+        raise PartRejected("rows outside the shard")
+    pairs = zip(part.positions.tolist(), part.ids.tolist(), strict=True)
+    if any(ids[p] != i for p, i in pairs):
+        raise PartRejected("ids do not match the shard input")
+    return part
 
 
 def load_committed(store: Store, shard: int, ids: Sequence[str]) -> Committed:
@@ -108,19 +112,17 @@ def load_committed(store: Store, shard: int, ids: Sequence[str]) -> Committed:
     for key in sorted(store.list(layout.shard_commits(shard))):
         try:
             rec = CommitRecord.from_json(store.read_bytes(key))
-            data = store.read_bytes(layout.part_key(shard, rec.name))
-            problem = _valid_part(rec, data, ids)
+            part = _checked_part(rec, store.read_bytes(layout.part_key(shard, rec.name)), ids)
         except (ValueError, TypeError, KeyError) as err:
-            problem, rec = f"bad commit record ({err})", None
-        except StorageError as err:
-            problem = f"part missing ({err})"
-        if problem:
-            log("part.rejected", key=key, reason=problem)
-            store.delete(key)
+            reason = f"bad commit record ({err})"
+        except (PartRejected, ObjectNotFound) as err:  # other storage errors propagate
+            reason = str(err)
+        else:
+            good.append(rec)
+            done[part.positions] = True
             continue
-        assert rec is not None
-        good.append(rec)
-        done[decode_part(data).positions] = True
+        log("part.rejected", key=key, reason=reason)
+        store.delete(key)
     return Committed(good, done)
 
 
