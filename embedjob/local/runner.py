@@ -13,7 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from embedjob import layout
-from embedjob.failures import EmbedjobError, TerminationMessage, classify_exit
+from embedjob.failures import (
+    EmbedjobError,
+    Failure,
+    FailureType,
+    TerminationMessage,
+    classify_exit,
+)
 from embedjob.local.scheduler import Outcome, Shard, finish, ready, start, status_of
 from embedjob.local.view import View
 from embedjob.logs import log
@@ -24,6 +30,10 @@ from embedjob.worker.index import run_index
 
 POLL_SECONDS = 0.2
 PROGRESS_SECONDS = 2.0
+STUCK_INTERVALS = 3
+"""A worker whose progress.json has not moved for this many checkpoint intervals is stuck."""
+LOAD_GRACE_SECONDS = 900.0
+"""How long a worker may take before its first heartbeat (downloading and loading a 15B model)."""
 
 
 def default_workers(shards: int) -> tuple[int, int, int]:
@@ -46,6 +56,16 @@ class Running:
     termination_log: Path
     committed_before: int
     slot: int
+    started: float
+    heartbeat: str = ""
+    heartbeat_at: float = 0.0
+    stuck: bool = False
+
+    def stalled(self, now: float, interval: float) -> bool:
+        """No heartbeat yet after the load grace, or none for STUCK_INTERVALS intervals."""
+        if not self.heartbeat_at:
+            return now - self.started > LOAD_GRACE_SECONDS
+        return now - self.heartbeat_at > STUCK_INTERVALS * interval
 
 
 class LocalRun:
@@ -151,7 +171,8 @@ class LocalRun:
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log_file.close()
-        self.running[shard.index] = Running(shard, proc, attempt, tlog, shard.done, slot)
+        self.running[shard.index] = Running(shard, proc, attempt, tlog, shard.done, slot,
+                                            started=time.time())
         self.view.event(f"shard {shard.index}: attempt {attempt} started")
 
     def _reap(self, shards: list[Shard], now: float) -> None:
@@ -162,7 +183,12 @@ class LocalRun:
             del self.running[index]
             self._read_progress_of(run.shard)
             failure = None
-            if code != 0:
+            if run.stuck:
+                interval = self.spec.checkpoint.every_seconds
+                failure = Failure(FailureType.stuck,
+                                  f"no progress for {STUCK_INTERVALS} checkpoint intervals "
+                                  f"({STUCK_INTERVALS * interval:.0f}s); worker replaced")
+            elif code != 0:
                 text = run.termination_log.read_text() if run.termination_log.exists() else ""
                 message = TerminationMessage.from_json(text)
                 failure = classify_exit(code, message)
@@ -197,16 +223,25 @@ class LocalRun:
             run.proc.send_signal(signal.SIGTERM)
 
     # --- progress and status
-    def _read_progress_of(self, shard: Shard) -> None:
+    def _read_progress_of(self, shard: Shard) -> dict[str, object] | None:
         try:
             doc = json.loads(self.store.read_bytes(layout.shard_progress(shard.index)))
         except (EmbedjobError, ValueError):
-            return
+            return None
         shard.done, shard.rate = int(doc.get("done", shard.done)), float(doc.get("rate", 0.0))
+        return doc
 
     def _read_progress(self) -> None:
+        now = time.time()
         for run in self.running.values():
-            self._read_progress_of(run.shard)
+            doc = self._read_progress_of(run.shard)
+            beat = f"{doc.get('updated')}/{doc.get('done')}" if doc else ""
+            if doc and doc.get("attempt") == run.attempt and beat != run.heartbeat:
+                run.heartbeat, run.heartbeat_at = beat, now
+            if not run.stuck and run.stalled(now, self.spec.checkpoint.every_seconds):
+                run.stuck = True
+                self.view.event(f"shard {run.shard.index}: stuck, replacing the worker")
+                run.proc.kill()
 
     def _write_status(self, shards: list[Shard], phase: Phase, message: str = "") -> None:
         status = status_of(shards, phase, message)

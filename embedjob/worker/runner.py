@@ -222,6 +222,7 @@ def _run_pass(
     ckpt = cfg.spec.checkpoint
     writer = PartWriter(store, progress, every_sequences=ckpt.every_sequences,
                         every_seconds=ckpt.every_seconds, extra_progress=_gpu_memory)
+    writer.write_progress()  # a heartbeat: the model is loaded and this attempt is working
     try:
         embed_rows(cfg, embedder, shard_in, todo, writer, stop, attempt)
     except EmbedjobError as err:

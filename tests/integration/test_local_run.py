@@ -135,6 +135,27 @@ def test_a_sequence_that_always_crashes_is_quarantined(fasta: Path, tmp_path: Pa
         assert len(emb) == 23 and poison not in emb
 
 
+def test_nan_at_half_precision_is_retried_at_a_safer_one(fasta: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = write_job(tmp_path, small_spec(fasta, out, shards=1, model={"precision": "bf16"}))
+    result = run_cli("run", str(job), env={"EMBEDJOB_FAILPOINTS": "nan:batch=1,attempt=0"})
+    assert result.returncode == 0, result.stderr
+    assert "numerical" in result.stderr
+    with h5py.File(out / "shards" / "00000" / "embeddings.h5") as h5:
+        assert h5.attrs["precision"] == "fp32"
+
+
+def test_a_stuck_worker_is_replaced(fasta: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = small_spec(fasta, out, shards=1, checkpoint={"everySeconds": 1})
+    result = run_cli("run", str(write_job(tmp_path, spec)),
+                     env={"EMBEDJOB_FAILPOINTS": "stall:batch=2,attempt=0,seconds=600"})
+    assert result.returncode == 0, result.stderr
+    assert "stuck" in result.stderr
+    with embedjob.open(str(out)) as emb:
+        assert len(emb) == 24
+
+
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(fasta: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     job = write_job(tmp_path, small_spec(fasta, out, shards=1))
