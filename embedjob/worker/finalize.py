@@ -14,8 +14,8 @@ from embedjob.failures import ConfigError
 from embedjob.logs import log
 from embedjob.spec import EmbeddingJobSpec
 from embedjob.store import Store, open_store
+from embedjob.summary import load_summary
 from embedjob.worker.assemble import BLOCK_ROWS, sha256_file
-from embedjob.worker.index import load_summary
 
 MANIFEST_VERSION = 1
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,10 @@ from embedjob.alphabets import Alphabet, alphabet_for
 from embedjob.failures import ConfigError, InputError
 from embedjob.spec import EmbeddingJobSpec, StorageSpec
 from embedjob.store import ObjectNotFound, Store, open_uri
+from embedjob.summary import IndexSummary, load_summary
 from embedjob.worker.fasta import Record, read_fasta
 
 log = logging.getLogger(__name__)
-
-SUMMARY_VERSION = 1
 
 ATTN_SCALE = 1024
 """Cost of a sequence of L tokens ~ L + L²/ATTN_SCALE. Per layer and token, the dense parts
@@ -52,77 +50,6 @@ the exact value; it only has to rank long sequences as disproportionately expens
 
 _BUFFER_BYTES = 64 * 1024 * 1024  # pass-2 buffering across all shards
 _UPLOAD_THREADS = 8
-
-
-# --- the summary -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IndexSummary:
-    """What ``index/summary.json`` holds: the shard plan and what it was made from."""
-
-    shards: int  # effective: min(requested shards, sequences)
-    sequences: int
-    residues: int
-    fingerprint: str  # sha256 over the normalised records (id, upper-case sequence)
-    model: str
-    alphabet: str
-    inputs: tuple[str, ...]
-    shard_sequences: tuple[int, ...]
-    shard_residues: tuple[int, ...]
-    max_length: int
-    requested_shards: int
-    layer: int = -1
-    pooling: str = "mean"
-    long_sequences: str = "truncate"
-    max_residues: int = 1022
-    window_overlap: int = 0
-    version: int = SUMMARY_VERSION
-
-    def settings(self) -> dict[str, Any]:
-        """What must match for an existing output to be this job's."""
-        return {
-            "model": self.model,
-            "layer": self.layer,
-            "pooling": self.pooling,
-            "alphabet": self.alphabet,
-            "shards": self.requested_shards,
-            "longSequences": self.long_sequences,
-            "maxResidues": self.max_residues,
-            "windowOverlap": self.window_overlap if self.long_sequences == "window" else 0,
-        }
-
-    def to_json(self) -> bytes:
-        data = asdict(self)
-        order = ["version", "shards", "sequences", "residues", "fingerprint", "model"]
-        ordered = {k: data[k] for k in order} | {k: v for k, v in data.items() if k not in order}
-        return (json.dumps(ordered, indent=1) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> IndexSummary:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != SUMMARY_VERSION:
-            raise ValueError(f"unsupported summary version {data.get('version')!r}")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for name in ("inputs", "shard_sequences", "shard_residues"):
-            known[name] = tuple(known.get(name, ()))
-        known.setdefault("requested_shards", known.get("shards", 1))
-        return cls(**known)
-
-
-def load_summary(out: Store) -> IndexSummary | None:
-    """The output's index summary, or None before the index step has finished."""
-    try:
-        text = out.read_bytes(layout.SUMMARY)
-    except ObjectNotFound:
-        return None
-    try:
-        return IndexSummary.from_json(text)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(
-            f"{out.uri}{layout.SUMMARY} is unreadable ({err}): delete it to re-index, or "
-            "choose a new output.uri"
-        ) from None
 
 
 # --- sharding (pure) -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from embedjob.failures import (
 from embedjob.logs import bind, log
 from embedjob.spec import EmbeddingJobSpec, parse_spec
 from embedjob.store import Store, open_store
+from embedjob.summary import load_summary
 from embedjob.worker.assemble import assemble_shard, sha256_file
 from embedjob.worker.batching import make_batches
 from embedjob.worker.checkpoint import (
@@ -43,7 +44,6 @@ from embedjob.worker.checkpoint import (
     load_committed,
 )
 from embedjob.worker.failpoints import Failpoints
-from embedjob.worker.index import load_summary
 from embedjob.worker.shard_input import ShardInput, load_shard_input
 
 RESUME_ROUNDS = 3
