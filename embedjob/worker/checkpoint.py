@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from embedjob import layout
-from embedjob.failures import EmbedjobError
+from embedjob.failures import EmbedjobError, StorageError
 from embedjob.logs import log
 from embedjob.store import ObjectNotFound, Store
 
@@ -138,6 +138,19 @@ def clean_uncommitted(store: Store, shard: int, attempt: int, committed: Committ
     return removed
 
 
+def next_part_index(store: Store, shard: int, attempt: int) -> int:
+    """First unused part index of ``attempt``: names are never reused, even across passes
+    or when an attempt number comes back after a lost status."""
+    prefix = layout.part_name(attempt, 0)[:6]
+    used = [
+        int(key.rsplit("-", 1)[-1].split(".", 1)[0])
+        for base in (layout.shard_parts(shard), layout.shard_commits(shard))
+        for key in store.list(base)
+        if key.rsplit("/", 1)[-1].startswith(prefix)
+    ]
+    return max(used, default=-1) + 1
+
+
 def discard_parts(store: Store, shard: int) -> None:
     """Once the shard file and its manifest exist, the parts are only a second copy."""
     for prefix in (layout.shard_commits(shard), layout.shard_parts(shard)):
@@ -198,6 +211,7 @@ class PartWriter:
         every_seconds: float,
         max_in_flight: int = 2,
         extra_progress: Callable[[], dict[str, object]] = dict,
+        first_index: int = 0,
     ) -> None:
         self.store, self.progress = store, progress
         self.every_sequences, self.every_seconds = every_sequences, every_seconds
@@ -205,7 +219,7 @@ class PartWriter:
         self._buffer: list[tuple[np.ndarray, list[str], np.ndarray]] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
-        self._next_index = 0
+        self._next_index = first_index
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="upload")
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._futures: list[Future[None]] = []
@@ -227,47 +241,65 @@ class PartWriter:
             self._buffered > 0 and waited >= self.every_seconds
         )
 
-    def flush(self) -> None:
-        """Hand the buffered rows to an upload thread as one part."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Hand the buffered rows to an upload thread as one part; False if no upload slot
+        freed up within ``timeout`` (the rows are then not saved)."""
         self._last_flush = time.monotonic()
         if not self._buffer:
-            return
+            return True
+        if not self._slots.acquire(timeout=timeout):
+            log("checkpoint.abandoned", sequences=self._buffered, reason="uploads too slow")
+            return False
         positions = np.concatenate([b[0] for b in self._buffer])
         ids = [i for b in self._buffer for i in b[1]]
         embeddings = np.concatenate([b[2] for b in self._buffer])
         self._buffer, self._buffered = [], 0
         name = layout.part_name(self.progress.attempt, self._next_index)
         self._next_index += 1
-        self._slots.acquire()
         self._futures.append(self._pool.submit(self._commit, name, positions, ids, embeddings))
         self._raise_upload_error()
+        return True
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush and wait for every upload; False if some did not finish in time."""
+        """Flush and wait for every upload; False if some did not finish in time.
+
+        The deadline covers the whole close, waiting for an upload slot included."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        queued = True
         try:
-            self.flush()
+            queued = self.flush(left())
         except EmbedjobError as err:
             log("checkpoint.failed", error=str(err))
-        finished, pending = wait(self._futures, timeout=timeout)
+        finished, pending = wait(self._futures, timeout=left())
         self._pool.shutdown(wait=False, cancel_futures=True)
         failed = [f.exception() for f in finished if f.exception() is not None]
         for err in failed:
             log("checkpoint.failed", error=str(err))
-        return not pending and not failed
+        return queued and not pending and not failed
 
     def _commit(self, name: str, positions: np.ndarray, ids: list[str], emb: np.ndarray) -> None:
         try:
             data = encode_part(positions, ids, emb)
             shard = self.progress.shard
-            self.store.write_bytes(layout.part_key(shard, name), data)
+            # Create-once: a reused name must fail loudly, never replace a committed part.
+            if not self.store.create_bytes(layout.part_key(shard, name), data):
+                raise StorageError(f"part {name} of shard {shard} already exists: "
+                                   "two workers run with the same attempt number")
             rec = CommitRecord(name, self.progress.attempt, len(ids),
                                hashlib.sha256(data).hexdigest(), len(data))
-            self.store.write_bytes(layout.commit_key(shard, name), rec.to_json())
-            with self._lock:
+            self.store.create_bytes(layout.commit_key(shard, name), rec.to_json())
+            with self._lock:  # serialised, so progress.json never goes backwards
                 self.progress.committed += len(ids)
                 self.progress.parts += 1
                 doc = self.progress.document(self.extra_progress())
-                self.store.write_bytes(layout.shard_progress(shard), doc)
+                try:  # progress.json is a report; the commit record above is the truth
+                    self.store.write_bytes(layout.shard_progress(shard), doc)
+                except StorageError as err:
+                    log("progress.write_failed", error=str(err))
             log("checkpoint.committed", part=name, sequences=len(ids),
                 committed=self.progress.committed, total=self.progress.total)
         finally:

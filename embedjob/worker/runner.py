@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ from embedjob.worker.checkpoint import (
     clean_uncommitted,
     discard_parts,
     load_committed,
+    next_part_index,
 )
 from embedjob.worker.failpoints import Failpoints
 from embedjob.worker.shard_input import ShardInput, load_shard_input
@@ -115,9 +117,9 @@ def install_stop_handler() -> threading.Event:
     """SIGTERM/SIGINT ask the worker to stop at the next batch boundary and save."""
     stop = threading.Event()
 
-    def _handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            log("worker.stopping", signal=signal.Signals(signum).name)
+    def _handler(_signum: int, _frame: object) -> None:
+        # Only set the flag: writing to stderr here can hit a reentrant-write RuntimeError
+        # when the signal lands while the main thread is itself logging.
         stop.set()
 
     signal.signal(signal.SIGTERM, _handler)
@@ -171,6 +173,7 @@ def embed_rows(
                            embedder.tokens_for, cfg.tokens_per_batch)  # type: ignore[attr-defined]
     for number, rows in enumerate(batches):
         if stop.is_set():
+            log("worker.stopping", batch=number)
             return
         ids = [shard_in.ids[r] for r in rows.tolist()]
         attempt.batch, attempt.batch_ids = number, ids
@@ -206,6 +209,8 @@ def _run_pass(
     stop: threading.Event, attempt: Attempt,
 ) -> bool:
     """One pass over what is not yet committed; True when nothing was left to do."""
+    if store.exists(layout.shard_done(cfg.shard)):
+        return True  # a newer attempt published the shard while this one ran
     committed = load_committed(store, cfg.shard, shard_in.ids)
     clean_uncommitted(store, cfg.shard, cfg.attempt, committed)
     todo = _pending(committed.done, shard_in.ids, cfg.quarantine)
@@ -221,18 +226,21 @@ def _run_pass(
     )
     ckpt = cfg.spec.checkpoint
     writer = PartWriter(store, progress, every_sequences=ckpt.every_sequences,
-                        every_seconds=ckpt.every_seconds, extra_progress=_gpu_memory)
+                        every_seconds=ckpt.every_seconds, extra_progress=_gpu_memory,
+                        first_index=next_part_index(store, cfg.shard, cfg.attempt))
     writer.write_progress()  # a heartbeat: the model is loaded and this attempt is working
     try:
         embed_rows(cfg, embedder, shard_in, todo, writer, stop, attempt)
-    except EmbedjobError as err:
+    except BaseException as err:  # save finished batches whatever stopped the loop
         saved = writer.close(ckpt.shutdown_deadline_seconds)
-        err.details.update(committed=writer.committed, saved=saved)
+        if isinstance(err, EmbedjobError):
+            err.details.update(committed=writer.committed, saved=saved)
         raise
     saved = writer.close(ckpt.shutdown_deadline_seconds)
     if stop.is_set():
         state = "saved" if saved else "NOT all saved (upload deadline passed)"
-        raise Preempted(f"stopped by signal; progress {state}", committed=writer.committed)
+        raise Preempted(f"stopped by signal; progress {state}", committed=writer.committed,
+                        saved=saved)
     return False
 
 
@@ -248,9 +256,16 @@ def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: obj
         "precision": embedder.precision, "dtype": cfg.spec.output.dtype,  # type: ignore[attr-defined]
         "shard": cfg.shard, "job": cfg.job,
     }
-    path = assemble_shard(store, cfg.shard, shard_in.ids, committed, keep,
-                          dim=embedder.dim, dtype=cfg.spec.output.dtype,  # type: ignore[attr-defined]
-                          attrs=attrs, workdir=workdir)
+    try:
+        path = assemble_shard(store, cfg.shard, shard_in.ids, committed, keep,
+                              dim=embedder.dim, dtype=cfg.spec.output.dtype,  # type: ignore[attr-defined]
+                              attrs=attrs, workdir=workdir)
+    except StorageError:
+        # A newer attempt that published first deletes the parts: its result stands.
+        if store.exists(layout.shard_done(cfg.shard)):
+            log("shard.done_elsewhere")
+            return
+        raise
     created = store.create_file(layout.shard_output(cfg.shard), str(path))
     if not created:
         log("shard.output_exists", note="another attempt published first; keeping its file")
@@ -318,4 +333,15 @@ def main(env: Mapping[str, str] | None = None) -> int:
         )
         write_termination_message(message)
         log("worker.failed", type=err.failure.value, error=err.message)
+        if err.details.get("saved") is False:
+            # Uploads still hang past the deadline: the executor's threads would keep the
+            # interpreter alive at exit, so leave now (the commit records are the truth).
+            sys.stderr.flush()
+            os._exit(err.exit_code)
         return err.exit_code
+    except Exception as err:  # a bug: still one message for the policy, and the traceback
+        write_termination_message(TerminationMessage(
+            type="generic", message=f"{type(err).__name__}: {err}".splitlines()[0][:500],
+            done_this_attempt=attempt.done, batch=attempt.batch, ids=attempt.batch_ids,
+        ))
+        raise

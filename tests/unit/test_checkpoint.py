@@ -15,6 +15,7 @@ from embedjob.worker.checkpoint import (
     ProgressState,
     clean_uncommitted,
     load_committed,
+    next_part_index,
 )
 
 IDS = [f"seq{i}" for i in range(10)]
@@ -121,3 +122,22 @@ def test_assembly_refuses_missing_rows(store, tmp_path) -> None:
     with pytest.raises(Exception, match="have no committed part"):
         assemble_shard(store, 0, IDS, committed, np.ones(10, dtype=bool), dim=DIM,
                        dtype="float32", attrs={}, workdir=tmp_path)
+
+
+def test_a_later_pass_of_the_same_attempt_never_reuses_a_part_name(store) -> None:
+    _write(store, [[0, 1], [2]])
+    assert next_part_index(store, 0, attempt=0) == 2
+    assert next_part_index(store, 0, attempt=1) == 0
+    writer = PartWriter(store, _progress(), every_sequences=1000, every_seconds=1e9,
+                        first_index=next_part_index(store, 0, 0))
+    writer.add(np.asarray([5, 6]), [IDS[5], IDS[6]], _emb([5, 6]))
+    assert writer.close(timeout=30)
+    assert np.flatnonzero(load_committed(store, 0, IDS).done).tolist() == [0, 1, 2, 5, 6]
+
+
+def test_a_reused_part_name_fails_and_keeps_the_committed_part(store) -> None:
+    _write(store, [[0, 1]])
+    writer = PartWriter(store, _progress(), every_sequences=1000, every_seconds=1e9)
+    writer.add(np.asarray([2, 3]), [IDS[2], IDS[3]], _emb([2, 3]))
+    assert not writer.close(timeout=30)
+    assert np.flatnonzero(load_committed(store, 0, IDS).done).tolist() == [0, 1]

@@ -187,3 +187,16 @@ def test_decide_is_pure() -> None:
     f = Failure(F.generic, "x")
     assert decide(s, h, f, False) == decide(s, h, f, False)
     assert h.failures == {"generic": 1}
+
+
+def test_nan_under_auto_on_cpu_is_not_retried_at_a_lower_precision() -> None:
+    from embedjob.failures import Failure, FailureType
+    from embedjob.policy import ShardHistory, decide
+    from embedjob.spec import EmbeddingJobSpec
+
+    spec = EmbeddingJobSpec.model_validate({"input": {"uri": "a"}, "output": {"uri": "o"}})
+    failure = Failure(FailureType.numerical, "NaN/Inf in 1 embedding(s) at fp32: run at a ...")
+    decision = decide(spec, ShardHistory(attempts=1), failure, made_progress=False)
+    assert decision.action == "fail"
+    on_gpu = Failure(FailureType.numerical, "NaN/Inf in 2 embeddings (first: x) at bf16: retry")
+    assert decide(spec, ShardHistory(attempts=1), on_gpu, False).history.precision == "fp32"
