@@ -1,4 +1,4 @@
-"""``embedjob``: run | worker | index | finalize | operator | crd | inspect.
+"""embedjob: run | worker | index | finalize | operator | crd | inspect.
 
 Expected failures print one line (``embedjob: error: …``) and exit with the failure's code;
 only a bug prints a traceback.
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embedjob: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `embedjob inspect --json | head`: the reader left; so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
+from embedjob.failures import ConfigError
 from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL, EmbeddingJobSpec, EmbeddingJobStatus
 
 SHORT_NAMES = ["ej"]
@@ -261,8 +262,13 @@ def write_crd(path: str | Path) -> None:
         sys.stdout.write(text)
         return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write {target}: {err.strerror or err} — choose a writable -o path"
+        ) from None
 
 
 def main() -> None:

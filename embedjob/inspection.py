@@ -45,10 +45,21 @@ def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
                 ids = [i.decode() if isinstance(i, bytes) else i for i in h5["ids"][:]]
                 if len(ids) != entry["count"] or h5["embeddings"].shape[0] != entry["count"]:
                     problems.append(f"{key}: {len(ids)} rows, manifest says {entry['count']}")
+                if len(set(ids)) != len(ids):
+                    problems.append(f"{key}: {len(ids) - len(set(ids))} ids appear twice")
+                if str(h5["embeddings"].dtype) != manifest["dtype"]:
+                    problems.append(f"{key}: dtype {h5['embeddings'].dtype}, manifest says "
+                                    f"{manifest['dtype']}")
                 repeated = seen.intersection(ids)
                 if repeated:
                     problems.append(f"{key}: {len(repeated)} ids appear in another shard too")
                 seen.update(ids)
+    merged = manifest.get("merged")
+    if merged:
+        if not store.exists(merged):
+            problems.append(f"{merged}: missing")
+        elif (sha := _sha256(store, merged)[0]) != manifest.get("mergedSha256"):
+            problems.append(f"{merged}: sha256 {sha[:12]}… does not match the manifest")
     return problems
 
 

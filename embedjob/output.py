@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ class Embeddings:
         self._starts = np.cumsum([0] + [s["count"] for s in self._shards]).tolist()
         self._files: dict[int, Any] = {}
         self._index: dict[str, int] | None = None
+        self._own_cache = cache_dir is None
         self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="embedjob-read-"))
 
     # --- metadata
@@ -72,6 +74,10 @@ class Embeddings:
     def ids(self) -> list[str]:
         return [i for k, _ in enumerate(self._shards) for i in self._shard_ids(k)]
 
+    def __iter__(self) -> Iterator[str]:
+        for k in range(len(self._shards)):
+            yield from self._shard_ids(k)
+
     def _shard_ids(self, k: int) -> list[str]:
         return [x.decode() if isinstance(x, bytes) else x for x in self._file(k)["ids"][:]]
 
@@ -95,6 +101,8 @@ class Embeddings:
 
     def batches(self, size: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
         """``(ids, embeddings)`` blocks in output order, one shard file open at a time."""
+        if size < 1:
+            raise ValueError("batch size must be at least 1")
         for k in range(len(self._shards)):
             h5 = self._file(k)
             n = len(h5["ids"])
@@ -114,6 +122,8 @@ class Embeddings:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        if self._own_cache:  # downloaded shard files: the whole output, on local disk
+            shutil.rmtree(self._cache, ignore_errors=True)
 
     def __enter__(self) -> Embeddings:
         return self

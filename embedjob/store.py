@@ -117,6 +117,8 @@ def _file_op(where: str, verb: str, op: Callable[[], T]) -> T:
     try:
         return op()
     except FileNotFoundError:
+        if verb == "write to":
+            raise StorageError(f"cannot create {where} — choose a writable output.uri") from None
         raise ObjectNotFound(f"not found: {where}") from None
     except PermissionError:
         fix = " — choose a writable output.uri" if verb == "write to" else ""
@@ -124,7 +126,10 @@ def _file_op(where: str, verb: str, op: Callable[[], T]) -> T:
     except IsADirectoryError:
         raise StorageError(f"cannot {verb} {where}: it is a directory") from None
     except NotADirectoryError:
-        raise StorageError(f"cannot {verb} {where}: a parent is a file, not a directory") from None
+        raise StorageError(
+            f"cannot {verb} {where}: a parent is a file, not a directory — "
+            "output.uri must name a directory"
+        ) from None
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise StorageError(f"cannot {verb} {where}: {reason}") from None

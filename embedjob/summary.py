@@ -36,6 +36,7 @@ class IndexSummary:
     long_sequences: str = "truncate"
     max_residues: int = 1022
     window_overlap: int = 0
+    dtype: str = "float32"
     version: int = SUMMARY_VERSION
 
     def settings(self) -> dict[str, Any]:
@@ -49,6 +50,7 @@ class IndexSummary:
             "longSequences": self.long_sequences,
             "maxResidues": self.max_residues,
             "windowOverlap": self.window_overlap if self.long_sequences == "window" else 0,
+            "dtype": self.dtype,
         }
 
     def to_json(self) -> bytes:

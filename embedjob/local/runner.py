@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,17 +83,22 @@ class LocalRun:
         name = self.job.metadata.name
         summary = run_index(self.spec, self.store, job_name=name)
         if self.store.exists(layout.MANIFEST):
+            from embedjob.worker.finalize import finalize
+
+            finalize(self.spec, name)  # adds the merged file when output.merge was turned on
             self.view.message(f"job {name} is already complete: output in {self.store.uri}")
             return 0
         shards = self._restore([Shard(k, total=n) for k, n in enumerate(summary.shard_sequences)])
-        workers, gpus, threads = default_workers(len(shards))
-        workers = self.requested_workers or workers
+        cap = min(len(shards), self.spec.effective_parallelism)
+        workers, gpus, threads = default_workers(cap)
+        workers = min(self.requested_workers or workers, cap)
         self.view.start(name, shards, workers)
         signal.signal(signal.SIGINT, self._interrupt)
         signal.signal(signal.SIGTERM, self._interrupt)
         try:
             phase, message = self._loop(shards, workers, gpus, threads)
         finally:
+            self.view.update(shards)  # the last frame shows the final state
             self.view.stop()
         if phase == Phase.running:  # all shards finished: write the outputs
             self._write_status(shards, Phase.merging, "writing the manifest")
@@ -102,6 +108,10 @@ class LocalRun:
             phase, message = Phase.succeeded, f"{manifest['sequences']} sequences embedded"
         self._write_status(shards, phase, message)
         self.view.message(f"{phase.value}: {message} — output: {self.store.uri}")
+        if phase == Phase.succeeded:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.view.message(f"worker logs: {self.tmp}")
         return {Phase.succeeded: 0, Phase.suspended: 130}.get(phase, 1)
 
     def _restore(self, shards: list[Shard]) -> list[Shard]:
@@ -183,7 +193,11 @@ class LocalRun:
             del self.running[index]
             self._read_progress_of(run.shard)
             failure = None
-            if run.stuck:
+            if code != 0 and self.store.exists(layout.shard_done(index)):
+                code = 0  # it published the shard, then a signal cut its exit short
+            if code == 0:
+                pass
+            elif run.stuck:
                 interval = self.spec.checkpoint.every_seconds
                 failure = Failure(FailureType.stuck,
                                   f"no progress for {STUCK_INTERVALS} checkpoint intervals "

@@ -89,10 +89,15 @@ def merge_shards(store: Store, manifest: dict[str, Any], attrs: dict[str, Any],
 
 
 def finalize(spec: EmbeddingJobSpec, job: str = "") -> dict[str, Any]:
-    """Write manifest.json (and embeddings.h5 when output.merge); idempotent."""
+    """Write manifest.json (and embeddings.h5 when output.merge); idempotent.
+
+    A finished job whose spec now asks for the merged file gets it (and a new manifest).
+    """
     store = open_store(spec.output.uri, spec.storage)
     if store.exists(layout.MANIFEST):
-        return json.loads(store.read_bytes(layout.MANIFEST))
+        existing = json.loads(store.read_bytes(layout.MANIFEST))
+        if existing.get("merged") or not spec.output.merge:
+            return existing
     summary = load_summary(store)
     if summary is None:
         raise ConfigError(f"no index in {store.uri}: run `embedjob index` first")

@@ -252,13 +252,14 @@ def _wanted_settings(spec: EmbeddingJobSpec, alphabet: Alphabet) -> dict[str, An
     model = spec.model
     return {
         "model": model.name,
-        "layer": model.layer,
+        "layer": model.canonical_layer,
         "pooling": model.pooling,
         "alphabet": alphabet.name,
         "shards": spec.shards,
         "longSequences": model.long_sequences,
         "maxResidues": model.max_residues,
         "windowOverlap": model.window_overlap if model.long_sequences == "window" else 0,
+        "dtype": spec.output.dtype,
     }
 
 
@@ -299,11 +300,12 @@ def _summarise(spec: EmbeddingJobSpec, alphabet: Alphabet, scan: _Scan,
         shard_residues=tuple(shard_totals(assignment, lengths, shards).tolist()),
         max_length=int(lengths.max()),
         requested_shards=spec.shards,
-        layer=spec.model.layer,
+        layer=spec.model.canonical_layer,
         pooling=spec.model.pooling,
         long_sequences=spec.model.long_sequences,
         max_residues=spec.model.max_residues,
         window_overlap=spec.model.window_overlap if spec.model.long_sequences == "window" else 0,
+        dtype=spec.output.dtype,
     )
 
 

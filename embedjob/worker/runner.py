@@ -92,7 +92,10 @@ def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
 def config_from_env(env: Mapping[str, str]) -> WorkerConfig:
     """Read the worker contract (docs/architecture.md) from environment variables."""
     if not env.get("EMBEDJOB_SPEC"):
-        raise ConfigError("EMBEDJOB_SPEC is not set: the worker needs the job spec as JSON")
+        raise ConfigError(
+            "EMBEDJOB_SPEC is not set: give the job spec as JSON in it, or pass a job file "
+            "(embedjob index|finalize job.yaml)"
+        )
     try:
         raw = json.loads(env["EMBEDJOB_SPEC"])
     except ValueError:
