@@ -114,9 +114,30 @@ class ModelSpec(Model):
             "or a Hugging Face id such as 'facebook/esm2_t6_8M_UR50D'"
         )
 
+    @model_validator(mode="after")
+    def _layer_fits(self) -> ModelSpec:
+        layers = self.esm2_layers
+        if layers is not None and not -(layers + 1) <= self.layer <= layers:
+            raise ValueError(
+                f"model.layer {self.layer} is out of range for {self.name} ({layers} layers): "
+                f"use 0..{layers}, or -1 (the last) .. -{layers + 1}"
+            )
+        return self
+
     @property
     def is_esm2(self) -> bool:
         return self.name in ESM2_MODELS
+
+    @property
+    def esm2_layers(self) -> int | None:
+        """Transformer layers of a named ESM-2 (``esm2_t33_…`` has 33); None otherwise."""
+        return int(self.name.split("_")[1][1:]) if self.is_esm2 else None
+
+    @property
+    def canonical_layer(self) -> int:
+        """The layer as a non-negative index where the model is known (-1 and 6 are one)."""
+        layers = self.esm2_layers
+        return self.layer + layers + 1 if layers is not None and self.layer < 0 else self.layer
 
 
 class CheckpointSpec(Model):
@@ -248,6 +269,10 @@ class ShardEntry(Model):
     last_failure: LastFailure | None = None
     quarantined: int = 0
     not_before: str | None = None
+    # The policy history that must survive a vanished pod (pods carry it as an annotation).
+    avoid_nodes: list[str] = Field(default_factory=list)
+    isolate: list[str] = Field(default_factory=list)
+    quarantine: list[str] = Field(default_factory=list)
 
 
 class Progress(Model):
