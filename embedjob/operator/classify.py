@@ -26,7 +26,16 @@ def classify(pod: PodView) -> Failure:
     if pod.exit_code is None:
         text = pod.pod_message or pod.pod_reason or f"pod {pod.phase} without an exit code"
         return Failure(FailureType.generic, text, node=pod.node)
-    return replace(classify_exit(pod.exit_code, None), node=pod.node)
+    failure = replace(classify_exit(pod.exit_code, None), node=pod.node)
+    last = _last_line(pod.termination_message)
+    return replace(failure, message=last) if last else failure
+
+
+def _last_line(text: str | None) -> str:
+    """A plain-text termination message (FallbackToLogsOnError: the log's tail): its last
+    line is the one-line error of an expected failure."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
 
 
 def vanished(pod_name: str | None) -> Failure:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +22,12 @@ from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL
 log = logging.getLogger("embedjob.operator.kube")
 _api: client.ApiClient | None = None
 POOL_SIZE = 16
+_POOL = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="embedjob-api")
+"""Own threads for API calls: asyncio's default pool has only cpus + 4 of them."""
+
+
+async def _call(func: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_POOL, lambda: func(*args))
 
 
 def connect() -> client.ApiClient:
@@ -46,7 +53,7 @@ def reset() -> None:
 async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
     """Create; False if it already exists (a repeated plan, an operator restart)."""
     try:
-        await asyncio.to_thread(
+        await _call(
             client.CoreV1Api(connect()).create_namespaced_pod, namespace, manifest
         )
     except ApiException as err:
@@ -59,7 +66,7 @@ async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
 async def delete_pod(namespace: str, name: str) -> bool:
     """Graceful delete (the pod's own grace period: the worker checkpoints on SIGTERM)."""
     try:
-        await asyncio.to_thread(client.CoreV1Api(connect()).delete_namespaced_pod, name, namespace)
+        await _call(client.CoreV1Api(connect()).delete_namespaced_pod, name, namespace)
     except ApiException as err:
         if err.status == 404:
             return False
@@ -69,7 +76,7 @@ async def delete_pod(namespace: str, name: str) -> bool:
 
 async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON merge patch of the status subresource."""
-    await asyncio.to_thread(
+    await _call(
         client.CustomObjectsApi(connect()).patch_namespaced_custom_object_status,
         API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch},
     )
@@ -97,7 +104,7 @@ async def post_event(job: JobView, event: Event) -> None:
         "count": 1,
     }
     try:
-        await asyncio.to_thread(
+        await _call(
             client.CoreV1Api(connect()).create_namespaced_event, job.namespace, body
         )
     except ApiException as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -26,13 +27,17 @@ from embedjob.operator.config import OperatorSettings, load_settings
 from embedjob.operator.reconcile import Plan, parse_ranges, reconcile
 from embedjob.operator.views import (
     LABEL_JOB_UID,
+    ROLE_INDEX,
     ROLE_WORKER,
+    IndexInfo,
     JobView,
     PodView,
     ShardProgress,
+    index_info,
     job_view,
     pod_view,
     progress_view,
+    status_view,
 )
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 
@@ -42,6 +47,12 @@ LOOPS: dict[str, JobLoop] = {}
 PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
 READ_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="embedjob-progress")
+API_CONCURRENCY = 16
+"""Pod creates/deletes in flight at once for one job (matches the client's pool size)."""
+API_RETRY_SECONDS = 2.0
+DEBOUNCE_SECONDS = 0.05
+EXPECT_SECONDS = 60.0
+"""How long a pod we created counts as existing before the watch shows it."""
 
 
 # --- kopf handlers (thin) -----------------------------------------------------------------
@@ -61,7 +72,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
-def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
+async def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
     view = pod_view(body)
     uid = labels[LABEL_JOB_UID]
     loop = LOOPS.get(uid)
@@ -102,13 +113,24 @@ class JobLoop:
         self.patched_at = 0.0
         self.progress: dict[int, ShardProgress] = {}
         self.progress_at = 0.0
-        self.summary_total: int | None = None
+        self.index: IndexInfo | None = None
         self.finished_cache: set[int] = set()
+        # Pods created by this process that the watch may not have shown yet (like the
+        # "expectations" of Kubernetes' own controllers): without them a lagging index
+        # could make a pod look vanished and be replaced twice.
+        self.expected: dict[str, tuple[float, PodView]] = {}
 
     async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
         while not stopped:
-            timeout = await self.step(body, index)
-            self.wake.clear()
+            self.wake.clear()  # before the step: an event during the step wakes the next one
+            try:
+                timeout = await self.step(body, index)
+            except (kube.ApiException, OSError) as err:
+                # An API hiccup must not park the job's loop for kopf's daemon backoff.
+                log.warning(json.dumps({"job": body.get("metadata", {}).get("name"),
+                                        "event": "api_error", "error": str(err)[:300]}))
+                timeout = API_RETRY_SECONDS
+            await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of pod events land first
             deadline = time.monotonic() + timeout
             while not stopped and not self.wake.is_set() and time.monotonic() < deadline:
                 with contextlib.suppress(asyncio.TimeoutError, ValueError):
@@ -116,12 +138,13 @@ class JobLoop:
 
     async def step(self, body: kopf.Body, index: kopf.Index) -> float:
         started = time.perf_counter()
-        job = job_view(body)
-        pods = [p for p in index.get(self.uid, ()) if p is not None]
+        job = self.own_status(job_view(body))
+        pods = self.with_expected([p for p in index.get(self.uid, ()) if p is not None])
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
+            await self.read_index(job, pods)
             await self.read_progress(job, pods)
         now = datetime.now(timezone.utc)
-        plan = reconcile(job, pods, self.progress, now, SETTINGS, self.summary_total)
+        plan = reconcile(job, pods, self.progress, now, SETTINGS, self.index)
         await self.apply(job, plan)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
@@ -134,20 +157,49 @@ class JobLoop:
     def since_patch(self) -> float:
         return time.monotonic() - self.patched_at
 
+    def own_status(self, job: JobView) -> JobView:
+        """This process is the status' only writer: its latest status beats a lagging body."""
+        latest = self.pending_status or self.patched
+        if latest is None or job.spec is None:
+            return job
+        return dataclasses.replace(job, status=status_view(latest))
+
+    def with_expected(self, pods: list[PodView]) -> list[PodView]:
+        seen = {p.name for p in pods}
+        now = time.monotonic()
+        for name, (at, _) in list(self.expected.items()):
+            if name in seen or now - at > EXPECT_SECONDS:
+                del self.expected[name]
+        return pods + [view for _, view in self.expected.values()]
+
     async def apply(self, job: JobView, plan: Plan) -> None:
-        for manifest in plan.pods_to_create:
-            if await kube.create_pod(job.namespace, manifest):
+        limit = asyncio.Semaphore(API_CONCURRENCY)
+
+        async def create(manifest: dict[str, Any]) -> None:
+            async with limit:
+                created = await kube.create_pod(job.namespace, manifest)
+            name = manifest["metadata"]["name"]
+            view = pod_view(manifest)
+            if view is not None:
+                self.expected[name] = (time.monotonic(), view)
+            if created:
                 role = manifest["metadata"]["labels"].get("embedjob.io/role", "?")
                 metrics.PODS_CREATED.labels(role=role).inc()
-                log.info(json.dumps({"job": job.name, "event": "pod_created",
-                                     "pod": manifest["metadata"]["name"]}))
-        for name in plan.pods_to_delete:
-            await kube.delete_pod(job.namespace, name)
+                log.info(json.dumps({"job": job.name, "event": "pod_created", "pod": name}))
+
+        async def delete(name: str) -> None:
+            async with limit:
+                await kube.delete_pod(job.namespace, name)
+
+        await asyncio.gather(*(create(m) for m in plan.pods_to_create))
+        await asyncio.gather(*(delete(n) for n in plan.pods_to_delete))
         for event in plan.events:
             if event.key in self.posted:
                 continue
             self.posted.add(event.key)
             _count_decision(event.reason)
+            if event.gpu_seconds_lost:
+                metrics.PREEMPTED_GPU_SECONDS.inc(event.gpu_seconds_lost)
             log.info(json.dumps({"job": job.name, "event": event.reason,
                                  "message": event.message}))
             await kube.post_event(job, event)
@@ -173,8 +225,21 @@ class JobLoop:
             self.patched_at = time.monotonic()
         self.patched = new
 
+    async def read_index(self, job: JobView, pods: list[PodView]) -> None:
+        """Read index/summary.json once the index step has finished (one GET, then cached)."""
+        if self.index is not None:
+            return
+        past_index = job.status.phase.value in ("Running", "Merging", "Suspended") or any(
+            p.role != ROLE_INDEX or p.phase == "Succeeded" for p in pods
+        )
+        if not past_index:
+            return
+        assert job.spec is not None
+        loop = asyncio.get_running_loop()
+        self.index = await loop.run_in_executor(READ_POOL, _read_index, job.spec)
+
     async def read_progress(self, job: JobView, pods: list[PodView]) -> None:
-        if time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds and self.progress:
+        if time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds:
             return
         self.progress_at = time.monotonic()
         assert job.spec is not None
@@ -188,8 +253,6 @@ class JobLoop:
             log.warning("cannot open %s for progress: %s", job.spec.output.uri, err)
             return
         loop = asyncio.get_running_loop()
-        if self.summary_total is None:
-            self.summary_total = await loop.run_in_executor(READ_POOL, _summary_total, store)
         results = await asyncio.gather(
             *(loop.run_in_executor(READ_POOL, _read_progress, store, s) for s in wanted)
         )
@@ -207,15 +270,13 @@ def _read_progress(store: Any, shard: int) -> ShardProgress | None:
         return None
 
 
-def _summary_total(store: Any) -> int | None:
+def _read_index(spec: Any) -> IndexInfo | None:
     try:
-        data = json.loads(store.read_bytes(layout.SUMMARY))
-    except Exception:
+        from embedjob.store import open_store
+
+        return index_info(open_store(spec.output.uri, spec.storage).read_bytes(layout.SUMMARY))
+    except Exception:  # not written yet, or storage trouble: look again next pass
         return None
-    for key in ("sequences", "total", "count"):
-        if isinstance(data.get(key), int):
-            return int(data[key])
-    return None
 
 
 def _count_decision(reason: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from embedjob.failures import ConfigError, Failure
+from embedjob.failures import ConfigError, Failure, TerminationMessage
 from embedjob.operator import classify as cls
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import build_pod
@@ -25,6 +25,7 @@ from embedjob.operator.views import (
     ROLE_FINALIZE,
     ROLE_INDEX,
     ROLE_WORKER,
+    IndexInfo,
     JobView,
     PodView,
     ShardProgress,
@@ -52,6 +53,7 @@ class Event:
     reason: str
     message: str
     key: str  # the shell posts each key once per operator process
+    gpu_seconds_lost: float = 0.0  # preemptions: GPU time since the last committed part
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,8 @@ class _Acc:
     requeue: list[float] = field(default_factory=list)
     unschedulable: list[str] = field(default_factory=list)
 
-    def event(self, type_: str, reason: str, message: str, key: str) -> None:
-        self.events.append(Event(type_, reason, message[:1000], key))
+    def event(self, type_: str, reason: str, message: str, key: str, lost: float = 0.0) -> None:
+        self.events.append(Event(type_, reason, message[:1000], key, lost))
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,13 @@ def reconcile(
     progress: Mapping[int, ShardProgress],
     now: datetime,
     settings: OperatorSettings,
-    summary_total: int | None = None,
+    index: IndexInfo | None = None,
 ) -> Plan:
-    """Decide everything for one job from what is observed now."""
+    """Decide everything for one job from what is observed now.
+
+    ``index`` is the index step's summary once it exists: the effective shard count (it
+    can be below spec.shards) and the sequence total come from it, never from the spec.
+    """
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
         return Plan()
@@ -134,7 +140,7 @@ def reconcile(
         return _invalid(job, job.spec_error or "invalid spec", now)
     acc = _Acc()
     try:
-        status = _run(job, pods, progress, now, settings, acc, summary_total)
+        status = _run(job, pods, progress, now, settings, acc, index)
     except ConfigError as err:  # e.g. an unusable spec.template
         return _invalid(job, str(err), now)
     urgent = status.phase != old.phase or _conds(status) != _conds(old)
@@ -156,7 +162,14 @@ def reconcile(
 
 
 def dump_status(status: EmbeddingJobStatus) -> dict[str, Any]:
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """camelCase JSON; manifest entries leave defaults out (thousands of them add up)."""
+    data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["manifest"] = [
+        e.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+        | {"shard": e.shard}
+        for e in status.manifest
+    ]
+    return data
 
 
 def _conds(status: EmbeddingJobStatus) -> list[tuple[str, str, str]]:
@@ -185,7 +198,7 @@ def _run(
     now: datetime,
     settings: OperatorSettings,
     acc: _Acc,
-    summary_total: int | None,
+    index: IndexInfo | None,
 ) -> EmbeddingJobStatus:
     spec = job.spec
     assert spec is not None
@@ -197,7 +210,8 @@ def _run(
     done = parse_ranges(old.shards_done) | {
         p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Succeeded"
     }
-    done = {s for s in done if s < spec.shards}
+    shards = index.shards if index is not None else None
+    done = {s for s in done if s < (shards or spec.shards)}
     failed = parse_ranges(old.shards_failed) - done
     entries = {e.shard: e for e in old.manifest}
     indexed = old.phase in (Phase.running, Phase.merging) or bool(done) or any(
@@ -215,11 +229,15 @@ def _run(
                      entries.get(-1), now, settings, acc, slots=[1], resuming=False)
         phase = Phase.failed if unit.state == ShardState.failed else Phase.indexing
         message = f"index failed: {unit.failed_reason}" if unit.failed_reason else ""
-    elif len(done) < spec.shards and not failed:
+    elif shards is None and not failed:
+        # The index pod has finished; its summary (the shard count) is not read yet.
+        phase = Phase.running
+        acc.requeue.append(1.0)
+    elif shards is not None and len(done) < shards and not failed:
         active = sum(1 for p in pods if p.role == ROLE_WORKER and p.active)
         slots = [max(0, spec.effective_parallelism - active)]
         resuming = old.phase == Phase.suspended
-        for shard in range(spec.shards):
+        for shard in range(shards):
             if shard in done:
                 continue
             unit = _step(job, ROLE_WORKER, shard, latest.get((ROLE_WORKER, shard)),
@@ -248,8 +266,9 @@ def _run(
             unit.state, Phase.merging
         )
         message = f"finalize failed: {unit.failed_reason}" if unit.failed_reason else ""
+    count = shards or old.shard_count or spec.shards
     if phase == Phase.succeeded:
-        message = f"{spec.shards} shard(s) embedded"
+        message = f"{count} shard(s) embedded"
     if suspended:
         manifest = _suspended_manifest(old.manifest, latest, progress, done)
     if phase in (Phase.indexing, Phase.merging) and unit.entry is not None:
@@ -259,10 +278,11 @@ def _run(
         phase=phase,
         conditions=conds,
         observed_generation=job.generation,
-        progress=_progress(spec.shards, done, progress, summary_total, now),
+        progress=_progress(count, done, progress, index.sequences if index else None, now),
+        shards_ready=f"{len(done)}/{count}",
         shards_done=format_ranges(done),
         shards_failed=format_ranges(failed),
-        shard_count=spec.shards,
+        shard_count=count,
         manifest=sorted(manifest, key=lambda e: e.shard),
         message=message,
     )
@@ -378,20 +398,33 @@ def _after_failure(
             acc.delete.append(pod.name)
         return _Unit(ShardState.failed, base.model_copy(update={"state": ShardState.failed}),
                      failed_reason=decision.reason)
-    acc.event("Warning" if failure.type.value != "preempted" else "Normal",
-              f"Retry{_camel(failure.type.value)}", text, key)
+    preempted = failure.type.value == "preempted"
+    lost = _gpu_seconds_lost(job, pod, prog, when) if preempted and role == ROLE_WORKER else 0.0
+    acc.event("Normal" if preempted else "Warning", f"Retry{_camel(failure.type.value)}", text,
+              key, lost)
     not_before = when + timedelta(seconds=decision.delay_seconds)
     if now < not_before:
         acc.requeue.append((not_before - now).total_seconds())
         return _Unit(ShardState.backoff, base.model_copy(update={"not_before":
                                                                  format_time(not_before)}))
     nxt = replace(decision.history, attempts=pod.attempt + 2)
+    prog = _with_final_commit(shard, pod, prog)
     started = _start(job, role, shard, pod.attempt + 1, nxt, prog, json.dumps(
         {"type": last.type, "message": last.message, "time": last.time}), settings, acc, slots,
         base, label)
     if started.state != ShardState.backoff and kill and not pod.deleting:
         acc.delete.append(pod.name)  # create first, then delete: a crash in between is safe
     return started
+
+
+def _with_final_commit(
+    shard: int, pod: PodView, prog: ShardProgress | None
+) -> ShardProgress | None:
+    """The attempt's last word beats a progress.json read before its final checkpoint."""
+    message = TerminationMessage.from_json(pod.termination_message)
+    if message is None or message.committed <= (prog.done if prog else 0):
+        return prog
+    return replace(prog or ShardProgress(shard=shard), done=message.committed)
 
 
 def _start(
@@ -439,19 +472,37 @@ def _entry(
     return (entry or ShardEntry(shard=shard)).model_copy(update=update)
 
 
+def _gpu_seconds_lost(
+    job: JobView, pod: PodView, prog: ShardProgress | None, when: datetime
+) -> float:
+    """GPUs x seconds between the attempt's last committed part (or its start) and its end."""
+    assert job.spec is not None
+    since = pod.started or pod.created
+    if prog is not None and prog.attempt == pod.attempt and prog.updated is not None:
+        since = max(since, prog.updated) if since is not None else prog.updated
+    if since is None:
+        return 0.0
+    return job.spec.resources.gpus * max(0.0, (when - since).total_seconds())
+
+
 def _history_fields(history: ShardHistory) -> dict[str, Any]:
     return {
         "failures": {k: v for k, v in history.failures.items() if v},
         "batch_tokens": history.max_tokens,
         "precision": history.precision,
         "quarantined": len(history.quarantined),
+        "avoid_nodes": list(history.avoid_nodes),
+        "isolate": list(history.isolate),
+        "quarantine": list(history.quarantined),
     }
 
 
 def _history_from_entry(entry: ShardEntry) -> ShardHistory:
     """Best effort when the pod that carried the history is gone."""
     return ShardHistory(attempts=entry.attempt + 1, failures=dict(entry.failures),
-                        max_tokens=entry.batch_tokens, precision=entry.precision)
+                        max_tokens=entry.batch_tokens, precision=entry.precision,
+                        avoid_nodes=tuple(entry.avoid_nodes), isolate=tuple(entry.isolate),
+                        quarantined=tuple(entry.quarantine))
 
 
 def _camel(text: str) -> str:

@@ -68,12 +68,12 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         generation=int(meta.get("generation") or 0),
         spec=spec,
         spec_error=error,
-        status=_status(body.get("status")),
+        status=status_view(body.get("status")),
         created=parse_time(meta.get("creationTimestamp")),
     )
 
 
-def _status(raw: Any) -> EmbeddingJobStatus:
+def status_view(raw: Any) -> EmbeddingJobStatus:
     """The stored status, leniently: unknown keys (kopf's, older versions') are dropped."""
     if not isinstance(raw, Mapping):
         return EmbeddingJobStatus()
@@ -196,6 +196,28 @@ def _true(cond: Mapping[str, Any] | None) -> bool:
 
 def _unschedulable(cond: Mapping[str, Any] | None) -> bool:
     return bool(cond) and cond.get("status") == "False" and cond.get("reason") == "Unschedulable"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What the operator needs of ``index/summary.json`` (fields of worker.index.IndexSummary).
+
+    Parsed here rather than through IndexSummary because that module pulls numpy, which the
+    operator image does not ship; tests/unit/test_reconcile.py checks the two agree.
+    """
+
+    shards: int  # effective shard count: min(spec.shards, sequences)
+    sequences: int
+
+
+def index_info(data: bytes | str) -> IndexInfo | None:
+    """Parse the summary leniently: an unreadable or partial record is no record."""
+    try:
+        raw = json.loads(data)
+        shards, sequences = int(raw["shards"]), int(raw["sequences"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return IndexInfo(shards, sequences) if shards >= 1 and sequences >= 0 else None
 
 
 @dataclass(frozen=True)

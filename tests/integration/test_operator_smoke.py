@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, Kubelet
+from cluster import Cluster, Kubelet, write_summary
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,14 +26,16 @@ def cluster(tmp_path: Path):
     c.stop()
 
 
-def test_lifecycle_with_instant_pods(cluster: Cluster) -> None:
+def test_lifecycle_with_instant_pods(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_summary(out, shards=3, sequences=30)  # the index pod below runs no worker
     Kubelet(cluster, command=exit_with(0)).start()
     cluster.start_operator()
-    cluster.apply_job("smoke", SPEC)
+    cluster.apply_job("smoke", {**SPEC, "output": {"uri": f"{out}/"}})
     job = cluster.wait_for(
         lambda: (j := cluster.job("smoke")).get("status", {}).get("phase") == "Succeeded" and j,
         timeout=120)
-    assert job["status"]["shardsDone"] == "0-2"
+    assert job["status"]["shardsDone"] == "0-2" and job["status"]["shardsReady"] == "3/3"
     names = {p["metadata"]["name"] for p in cluster.pods()}
     assert {"smoke-index-0", "smoke-0-0", "smoke-1-0", "smoke-2-0", "smoke-finalize-0"} <= names
     reasons = [e["reason"] for e in cluster.events()]

@@ -84,3 +84,12 @@ def test_made_progress() -> None:
     pod = with_state(MANIFEST, "Failed", exit_code=143, reason="Error")
     assert not cls.made_progress(pod, None)
     assert cls.made_progress(pod, ShardProgress(shard=0, done=5))
+
+
+def test_plain_text_message_keeps_its_last_line() -> None:
+    """FallbackToLogsOnError: a step that wrote no JSON message still says why it stopped."""
+    text = "loading...\nembedjob: error: duplicate id 'a'; ids must be unique\n"
+    pod = with_state(MANIFEST, "Failed", exit_code=65, reason="Error", message=text)
+    failure = cls.classify(pod)
+    assert failure.type is F.input_error
+    assert failure.message == "embedjob: error: duplicate id 'a'; ids must be unique"

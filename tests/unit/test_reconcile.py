@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -11,10 +12,11 @@ from embedjob.failures import TerminationMessage
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import build_pod
 from embedjob.operator.reconcile import format_ranges, parse_ranges, reconcile
-from embedjob.operator.views import ShardProgress
+from embedjob.operator.views import IndexInfo, ShardProgress
 from embedjob.policy import ShardHistory
 
 S = OperatorSettings()
+IDX = IndexInfo(shards=3, sequences=30)
 FRESH = ShardHistory()
 
 
@@ -53,7 +55,7 @@ def test_ranges(text, numbers) -> None:
 
 
 def test_new_job_starts_index_pod() -> None:
-    plan = reconcile(job(), [], {}, T0, S)
+    plan = reconcile(job(), [], {}, T0, S, IDX)
     assert names(plan) == ["j-index-0"]
     assert plan.status["phase"] == "Indexing"
     assert plan.status_urgent and plan.events[0].reason == "Indexing"
@@ -62,7 +64,7 @@ def test_new_job_starts_index_pod() -> None:
 def test_index_done_starts_shards_up_to_parallelism() -> None:
     index = build_pod(job(), "index", -1, 0, ShardHistory(), S)
     done = with_state(index, "Succeeded", exit_code=0, reason="Completed")
-    plan = reconcile(job({"phase": "Indexing"}, parallelism=2), [done], {}, T0, S)
+    plan = reconcile(job({"phase": "Indexing"}, parallelism=2), [done], {}, T0, S, IDX)
     assert names(plan) == ["j-0-0", "j-1-0"]
     assert plan.status["phase"] == "Running"
     assert [e["shard"] for e in plan.status["manifest"]] == [0, 1]
@@ -70,13 +72,13 @@ def test_index_done_starts_shards_up_to_parallelism() -> None:
 
 def test_idempotent_when_pods_exist() -> None:
     pods = [running(0), running(1), running(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert plan.pods_to_create == [] and plan.pods_to_delete == []
 
 
 def test_finished_shards_are_ranges_not_entries() -> None:
     pods = [succeeded(0), succeeded(1), running(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert plan.status["shardsDone"] == "0-1"
     assert [e["shard"] for e in plan.status["manifest"]] == [2]
 
@@ -100,7 +102,7 @@ FAILURES = [
                          ids=[r[0] for r in FAILURES])
 def test_failure_decisions(pod, new, reason, state) -> None:
     pods = [running(0), pod(), running(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S)
+    plan = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S, IDX)
     assert names(plan) == ([new] if new else [])
     assert [e.reason for e in plan.events] in ([reason], [reason, "Failed"])
     entry = next(e for e in plan.status["manifest"] if e["shard"] == 1)
@@ -111,7 +113,7 @@ def test_failure_decisions(pod, new, reason, state) -> None:
 
 def test_oom_override_reaches_the_new_pod() -> None:
     plan = reconcile(job(RUNNING), [running(0), failed(1, msg="gpu_oom", code=80), running(2)],
-                     {}, T0, S)
+                     {}, T0, S, IDX)
     env = {e["name"]: e.get("value") for e in plan.pods_to_create[0]["spec"]["containers"][0]
            ["env"]}
     assert env["EMBEDJOB_MAX_TOKENS_PER_BATCH"] == "8192"
@@ -119,7 +121,7 @@ def test_oom_override_reaches_the_new_pod() -> None:
 
 def test_input_error_fails_job_and_stops_others() -> None:
     pods = [running(0), failed(1, msg="input_error", code=65), running(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert plan.status["phase"] == "Failed"
     assert set(plan.pods_to_delete) == {"j-0-0", "j-2-0"}
     cond = {c["type"]: c for c in plan.status["conditions"]}
@@ -130,23 +132,23 @@ def test_input_error_fails_job_and_stops_others() -> None:
 def test_cuda_twice_fails() -> None:
     h = ShardHistory(attempts=2, failures={"cuda_error": 1}, avoid_nodes=("node-a",))
     pods = [running(0), failed(1, attempt=1, history=h, msg="cuda_error", code=81), running(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert plan.status["phase"] == "Failed"
     assert any(e.reason == "ShardFailed" and "cuda_error" in e.message for e in plan.events)
 
 
 def test_backoff_then_retry_after_delay() -> None:
     pods = [running(0), failed(1, msg=None, code=1, finished=0), running(2)]
-    first = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S)
+    first = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=1), S, IDX)
     assert names(first) == [] and 0 < first.requeue_after <= 10
-    later = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=11), S)
+    later = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=11), S, IDX)
     assert names(later) == ["j-1-1"]
 
 
 def test_vanished_pod_is_preempted() -> None:
     status = {"phase": "Running", "manifest": [{"shard": 1, "state": "Running", "attempt": 0,
                                                 "pod": "j-1-0"}]}
-    plan = reconcile(job(status), [running(0), running(2)], {}, T0, S)
+    plan = reconcile(job(status), [running(0), running(2)], {}, T0, S, IDX)
     assert names(plan) == ["j-1-1"]
     assert plan.events[0].reason == "RetryPreempted"
 
@@ -155,32 +157,32 @@ def test_stuck_pod_replaced_then_deleted() -> None:
     pods = [running(0), running(1, started=0), running(2)]
     prog = {1: ShardProgress(shard=1, done=5, updated=T0)}
     now = T0 + timedelta(seconds=S.stuck_after_seconds + 1)
-    plan = reconcile(job(RUNNING), pods, prog, now, S)
+    plan = reconcile(job(RUNNING), pods, prog, now, S, IDX)
     assert "j-1-1" in names(plan) and "j-1-0" in plan.pods_to_delete
 
 
 def test_suspend_deletes_active_pods_and_resume_restarts() -> None:
     pods = [running(0), succeeded(1), running(2)]
-    plan = reconcile(job(RUNNING, suspend=True), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING, suspend=True), pods, {}, T0, S, IDX)
     assert set(plan.pods_to_delete) == {"j-0-0", "j-2-0"}
     assert plan.status["phase"] == "Suspended"
-    resumed = reconcile(job(plan.status), [succeeded(1)], {}, T0, S)
+    resumed = reconcile(job(plan.status), [succeeded(1)], {}, T0, S, IDX)
     assert sorted(names(resumed)) == ["j-0-1", "j-2-1"]
     assert not any(e.reason.startswith("Retry") for e in resumed.events)
 
 
 def test_all_done_runs_finalize_then_succeeds() -> None:
     pods = [succeeded(0), succeeded(1), succeeded(2)]
-    plan = reconcile(job(RUNNING), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert names(plan) == ["j-finalize-0"] and plan.status["phase"] == "Merging"
     fin = with_state(plan.pods_to_create[0], "Succeeded", exit_code=0, reason="Completed")
-    done = reconcile(job(plan.status), [*pods, fin], {}, T0, S)
+    done = reconcile(job(plan.status), [*pods, fin], {}, T0, S, IDX)
     assert done.status["phase"] == "Succeeded"
-    assert reconcile(job(done.status), [*pods, fin], {}, T0, S).status is None
+    assert reconcile(job(done.status), [*pods, fin], {}, T0, S, IDX).status is None
 
 
 def test_invalid_spec_fails_with_condition() -> None:
-    plan = reconcile(job(shards=0), [], {}, T0, S)
+    plan = reconcile(job(shards=0), [], {}, T0, S, IDX)
     assert plan.status["phase"] == "Failed"
     cond = {c["type"]: c for c in plan.status["conditions"]}["Failed"]
     assert cond["reason"] == "InvalidSpec" and "shards" in cond["message"]
@@ -191,7 +193,7 @@ def test_progress_and_eta() -> None:
             1: ShardProgress(shard=1, done=100, total=100, updated=T0),
             2: ShardProgress(shard=2, done=0, total=100, rate=5.0, updated=T0)}
     plan = reconcile(job(RUNNING), [running(0), succeeded(1), running(2)], prog, T0, S,
-                     summary_total=300)
+                     IndexInfo(shards=3, sequences=300))
     p = plan.status["progress"]
     assert p["done"] == 150 and p["total"] == 300 and p["percent"] == 50.0
     assert p["etaSeconds"] == 15
@@ -200,7 +202,69 @@ def test_progress_and_eta() -> None:
 def test_status_stays_small_at_scale() -> None:
     n = 10000
     pods = [succeeded(s) for s in range(n - 50)] + [running(s) for s in range(n - 50, n)]
-    plan = reconcile(job(RUNNING, shards=n), pods, {}, T0, S)
+    plan = reconcile(job(RUNNING, shards=n), pods, {}, T0, S, IndexInfo(n, 10 * n))
     import json
     assert len(json.dumps(plan.status)) < 64 * 1024
     assert plan.status["shardsDone"] == f"0-{n - 51}"
+
+
+def test_effective_shard_count_comes_from_the_index_summary() -> None:
+    index = build_pod(job(), "index", -1, 0, ShardHistory(), S)
+    done = with_state(index, "Succeeded", exit_code=0, reason="Completed")
+    small = IndexInfo(shards=2, sequences=2)  # fewer sequences than spec.shards (3)
+    plan = reconcile(job({"phase": "Indexing"}, parallelism=8), [done], {}, T0, S, small)
+    assert names(plan) == ["j-0-0", "j-1-0"]
+    assert plan.status["shardCount"] == 2 and plan.status["shardsReady"] == "0/2"
+    assert plan.status["progress"]["total"] == 2
+    finished = [succeeded(0), succeeded(1)]
+    plan = reconcile(job(plan.status, parallelism=8), finished, {}, T0, S, small)
+    assert plan.status["phase"] == "Merging" and plan.status["shardsReady"] == "2/2"
+
+
+def test_no_shard_pods_until_the_summary_is_read() -> None:
+    index = build_pod(job(), "index", -1, 0, ShardHistory(), S)
+    done = with_state(index, "Succeeded", exit_code=0, reason="Completed")
+    plan = reconcile(job({"phase": "Indexing"}), [done], {}, T0, S, None)
+    assert names(plan) == [] and plan.status["phase"] == "Running"
+    assert plan.requeue_after is not None and plan.requeue_after <= 1.0
+
+
+def test_index_info_reads_what_the_index_step_writes() -> None:
+    from embedjob.operator.views import index_info
+    from embedjob.worker.index import IndexSummary
+
+    summary = IndexSummary(shards=2, sequences=5, residues=100, fingerprint="f", model="m",
+                           alphabet="protein", inputs=("in.fa",), shard_sequences=(3, 2),
+                           shard_residues=(60, 40), max_length=30, requested_shards=4)
+    assert index_info(summary.to_json()) == IndexInfo(shards=2, sequences=5)
+    assert index_info(b"{") is None and index_info(b'{"shards": 0, "sequences": 0}') is None
+
+
+def test_policy_history_survives_a_vanished_pod() -> None:
+    history = ShardHistory(attempts=2, avoid_nodes=("node-a",), quarantined=("bad",),
+                           isolate=("x", "y"), max_tokens=512)
+    pod = with_state(worker(0, 1, history), "Running")
+    status = reconcile(job(RUNNING), [pod, succeeded(1),
+                                      succeeded(2)], {}, T0, S, IDX).status
+    entry = status["manifest"][0]
+    assert entry["avoidNodes"] == ["node-a"] and entry["quarantine"] == ["bad"]
+    plan = reconcile(job(status), [succeeded(1), succeeded(2)], {}, T0, S, IDX)  # pod gone
+    assert names(plan) == ["j-0-2"]
+    env = {e["name"]: e.get("value") for e in plan.pods_to_create[0]["spec"]["containers"][0]
+           ["env"]}
+    assert env["EMBEDJOB_MAX_TOKENS_PER_BATCH"] == "512"
+    assert json.loads(env["EMBEDJOB_QUARANTINE"]) == ["bad"]
+    affinity = json.dumps(plan.pods_to_create[0]["spec"]["affinity"])
+    assert "node-a" in affinity
+
+
+def test_preemption_reports_gpu_seconds_since_the_last_commit() -> None:
+    evicted = with_state(worker(0), "Failed", exit_code=143, reason="Error", started=0,
+                         finished=100, message=TerminationMessage(
+                             type="preempted", message="SIGTERM").to_json())
+    prog = {0: ShardProgress(shard=0, attempt=0, done=5, total=10, updated=T0 + timedelta(
+        seconds=70))}
+    plan = reconcile(job(RUNNING, resources={"gpus": 2}), [evicted, succeeded(1), succeeded(2)],
+                     prog, T0 + timedelta(seconds=100), S, IDX)
+    lost = [e.gpu_seconds_lost for e in plan.events if e.reason == "RetryPreempted"]
+    assert lost == [60.0]  # 2 GPUs x 30 s since the commit at t=70
