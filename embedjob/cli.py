@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from embedjob.failures import EmbedjobError
+from embedjob.failures import EmbedjobError, TerminationMessage, write_termination_message
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -39,6 +39,20 @@ def _spec_from_env_or_file(path: str | None) -> tuple[object, str]:
         return job.spec, job.metadata.name
     cfg = config_from_env(os.environ)
     return cfg.spec, cfg.job
+
+
+def _as_pod_step(step: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Index and finalize run as pods too: say why they stopped the way a worker does."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return step(args)
+        except EmbedjobError as err:
+            if not args.job:  # configured by the environment: a pod (or a runner's process)
+                write_termination_message(TerminationMessage(err.failure.value, err.message))
+            raise
+
+    return run
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -97,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="embed one shard (pod entry point; reads EMBEDJOB_*)")
     worker.set_defaults(func=_cmd_worker)
     for name, func, text in (
-        ("index", _cmd_index, "validate and shard the input"),
-        ("finalize", _cmd_finalize, "write manifest.json and the merged file"),
+        ("index", _as_pod_step(_cmd_index), "validate and shard the input"),
+        ("finalize", _as_pod_step(_cmd_finalize), "write manifest.json and the merged file"),
     ):
         cmd = sub.add_parser(name, help=f"{text} (reads EMBEDJOB_SPEC, or a job file)")
         cmd.add_argument("job", nargs="?", help="EmbeddingJob YAML (default: EMBEDJOB_SPEC)")

@@ -7,6 +7,7 @@ lookup by id builds an index of ids only, never of embeddings.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import shutil
 import tempfile
@@ -64,7 +65,9 @@ class Embeddings:
             if isinstance(self.store, FileStore):
                 path = local_path(self.store.uri) / key
             else:
-                path = self._cache / f"{k:05d}.h5"
+                # named by output and shard, so outputs can share one cache_dir
+                tag = hashlib.sha256(self.store.uri.encode()).hexdigest()[:12]
+                path = self._cache / f"{tag}-{k:05d}.h5"
                 if not path.exists():
                     self.store.download_file(key, str(path))
             self._files[k] = self._h5py.File(path, "r")
