@@ -237,8 +237,11 @@ def test_config_with_numpy_scalars_loads_under_weights_only(
 
 
 def test_bad_layer_missing_file_and_unsafe_pickle(tmp_path: Path, small_ckpt: Path) -> None:
-    with pytest.raises(ConfigError, match="out of range"):
-        load_embedder(spec(small_ckpt, layer=7), device="cpu")
+    with pytest.raises(ValueError, match="out of range"):  # the spec refuses it first
+        spec(small_ckpt, layer=7)
+    unchecked = ModelSpec.model_construct(name=SMALL, weights=str(small_ckpt), layer=7)
+    with pytest.raises(ConfigError, match="out of range"):  # and the loader still would
+        load_embedder(unchecked, device="cpu")
     with pytest.raises(ConfigError, match="does not exist"):
         load_embedder(spec(tmp_path / "nope.pt"), device="cpu")
     evil = tmp_path / "evil.pt"
