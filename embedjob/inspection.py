@@ -74,6 +74,9 @@ def inspect_output(uri: str, *, verify: bool = False,
                     f"{p.get('done', 0)}/{p.get('total', 0)} sequences, "
                     f"shards done {status.get('shardsDone') or 'none'}")
             return {"text": text, "status": status}, False
+        if store.exists(layout.SUMMARY):
+            text = f"{uri}: indexed, not finished (no status.json yet: run the job)"
+            return {"text": text}, False
         raise ConfigError(f"{uri} holds no embedjob output (no manifest.json or status.json)")
     manifest = json.loads(store.read_bytes(layout.MANIFEST))
     lines = [
