@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -161,7 +162,8 @@ class LocalRun:
     # --- processes
     def _launch(self, shard: Shard, gpus: int, threads: int) -> None:
         attempt = start(shard)
-        slot = min(set(range(max(gpus, 1) * 1000)) - {r.slot for r in self.running.values()})
+        used = {r.slot for r in self.running.values()}
+        slot = next(i for i in itertools.count() if i not in used)  # one GPU per slot
         tlog = self.tmp / f"{shard.index:05d}-{attempt}.termination"
         env = {
             **os.environ,
