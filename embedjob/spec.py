@@ -255,7 +255,8 @@ class LastFailure(Model):
 
 
 class ShardEntry(Model):
-    """One unfinished shard in the status manifest; finished shards are range strings."""
+    """One unfinished shard in the status manifest; finished shards are range strings and
+    unremarkable started ones are summarised by status.shardAttempts."""
 
     shard: int
     state: ShardState = ShardState.pending
@@ -292,8 +293,21 @@ class EmbeddingJobStatus(Model):
     shards_ready: str = Field("", description="Finished/all shards, e.g. '3/10' (printer column)")
     shards_done: str = Field("", description="Finished shards as ranges, e.g. '0-41,43'")
     shards_failed: str = ""
+    shards_running: str = Field("", description="Shards whose pod is running, as ranges")
+    shard_attempts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Started, unfinished shards by current attempt, e.g. {'0': '0-9999'}: the "
+        "record of shards summarised here instead of having a manifest entry",
+    )
     shard_count: int = 0
-    manifest: list[ShardEntry] = Field(default_factory=list)
+    manifest: list[ShardEntry] = Field(
+        default_factory=list,
+        description="Entries of unfinished shards with something to tell (failures, "
+        "overrides, backoff), most recent failures first when capped",
+    )
+    manifest_omitted: int = Field(
+        0, description="Entries left out of manifest by its cap (manifest.json has all)"
+    )
     message: str = ""
 
 

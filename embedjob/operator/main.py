@@ -24,6 +24,7 @@ import kopf
 from embedjob import layout
 from embedjob.operator import kube, metrics
 from embedjob.operator.config import OperatorSettings, load_settings
+from embedjob.operator.pods import pod_name
 from embedjob.operator.reconcile import Plan, parse_ranges, reconcile
 from embedjob.operator.views import (
     LABEL_JOB_UID,
@@ -115,6 +116,7 @@ class JobLoop:
         self.progress_at = 0.0
         self.index: IndexInfo | None = None
         self.finished_cache: set[int] = set()
+        self.ended_read: set[str] = set()  # ended attempts whose progress was read after
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
@@ -143,6 +145,7 @@ class JobLoop:
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             await self.read_index(job, pods)
             await self.read_progress(job, pods)
+            await self.read_ended(job, pods)
         now = datetime.now(timezone.utc)
         plan = reconcile(job, pods, self.progress, now, SETTINGS, self.index)
         await self.apply(job, plan)
@@ -238,13 +241,25 @@ class JobLoop:
         loop = asyncio.get_running_loop()
         self.index = await loop.run_in_executor(READ_POOL, _read_index, job.spec)
 
-    async def read_progress(self, job: JobView, pods: list[PodView]) -> None:
-        if time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds:
+    async def read_ended(self, job: JobView, pods: list[PodView]) -> None:
+        """Read progress once more for attempts that just ended or vanished: the replacement
+        must start from what they committed, not from the last timed poll."""
+        ended = {n: s for n, s in ended_attempts(job, pods).items() if n not in self.ended_read}
+        if not ended:
+            return
+        self.ended_read |= ended.keys()
+        await self.read_progress(job, pods, sorted(set(ended.values())))
+
+    async def read_progress(
+        self, job: JobView, pods: list[PodView], only: list[int] | None = None
+    ) -> None:
+        if only is None and time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds:
             return
         self.progress_at = time.monotonic()
         assert job.spec is not None
         done = parse_ranges(job.status.shards_done)
-        wanted = sorted({p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
+        wanted = only if only is not None else sorted(
+            {p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
         try:
             from embedjob.store import open_store
 
@@ -261,6 +276,26 @@ class JobLoop:
                 self.progress[shard] = prog
                 if shard in done:
                     self.finished_cache.add(shard)
+
+
+def ended_attempts(job: JobView, pods: list[PodView]) -> dict[str, int]:
+    """Pod name -> shard of worker attempts that failed or vanished (their pod is gone)."""
+    out = {p.name: p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Failed"}
+    present = {p.name for p in pods}
+    for name, shard in _started(job).items():
+        if name not in present:
+            out[name] = shard
+    return out
+
+
+def _started(job: JobView) -> dict[str, int]:
+    """Pod name -> shard of every started, unfinished shard's current attempt (status)."""
+    out = {e.pod: e.shard for e in job.status.manifest if e.shard >= 0 and e.pod}
+    for key, ranges in job.status.shard_attempts.items():
+        with contextlib.suppress(ValueError):
+            attempt = int(key)
+            out |= {pod_name(job.name, ROLE_WORKER, s, attempt): s for s in parse_ranges(ranges)}
+    return out
 
 
 def _read_progress(store: Any, shard: int) -> ShardProgress | None:
@@ -288,9 +323,16 @@ def _count_decision(reason: str) -> None:
 
 
 def _shard_states(status: Mapping[str, Any]) -> dict[str, int]:
-    states: dict[str, int] = {}
-    for entry in status.get("manifest") or []:
-        states[entry.get("state", "Pending")] = states.get(entry.get("state", "Pending"), 0) + 1
+    """Counts from the range strings; the capped manifest only refines the rest."""
+    entries = {e.get("shard"): e.get("state", "Pending") for e in status.get("manifest") or []}
+    started: set[int] = set()
+    for ranges in (status.get("shardAttempts") or {}).values():
+        started |= parse_ranges(ranges)
+    running = parse_ranges(status.get("shardsRunning"))
+    states: dict[str, int] = {"Running": len(running)}
+    for shard in started - running:
+        state = entries.get(shard, "Pending")
+        states[state] = states.get(state, 0) + 1
     states["Succeeded"] = len(parse_ranges(status.get("shardsDone")))
     return states
 

@@ -20,7 +20,7 @@ from typing import Any
 from embedjob.failures import ConfigError, Failure, TerminationMessage
 from embedjob.operator import classify as cls
 from embedjob.operator.config import OperatorSettings
-from embedjob.operator.pods import build_pod
+from embedjob.operator.pods import build_pod, pod_name
 from embedjob.operator.views import (
     ROLE_FINALIZE,
     ROLE_INDEX,
@@ -45,6 +45,8 @@ from embedjob.spec import (
 TERMINAL = (Phase.succeeded, Phase.failed)
 PROGRESS_FRESH_SECONDS = 600.0
 """A shard's rate counts toward the job's only if its progress.json is this recent."""
+MANIFEST_CAP = 500
+"""Most full entries in status.manifest: ~250 bytes each keeps a 10^4-shard status small."""
 
 
 @dataclass(frozen=True)
@@ -213,10 +215,12 @@ def _run(
     shards = index.shards if index is not None else None
     done = {s for s in done if s < (shards or spec.shards)}
     failed = parse_ranges(old.shards_failed) - done
-    entries = {e.shard: e for e in old.manifest}
+    entries = expand_manifest(old, job.name)
     indexed = old.phase in (Phase.running, Phase.merging) or bool(done) or any(
         p.role in (ROLE_WORKER, ROLE_FINALIZE) for p in pods
-    ) or any(p.role == ROLE_INDEX and p.phase == "Succeeded" for p in pods)
+    ) or any(p.role == ROLE_INDEX and p.phase == "Succeeded" for p in pods) or any(
+        s >= 0 for s in entries  # shards started before a suspend, their pods gone since
+    )
     suspended = spec.suspend
     manifest: list[ShardEntry] = []
     message = ""
@@ -270,10 +274,11 @@ def _run(
     if phase == Phase.succeeded:
         message = f"{count} shard(s) embedded"
     if suspended:
-        manifest = _suspended_manifest(old.manifest, latest, progress, done)
+        manifest = _suspended_manifest(entries, latest, progress, done)
     if phase in (Phase.indexing, Phase.merging) and unit.entry is not None:
         manifest = [unit.entry]  # the step's own entry (shard -1)
     conds = _job_conditions(old.conditions, phase, message, acc.unschedulable, now)
+    full, omitted = compact_manifest(manifest, MANIFEST_CAP)
     return EmbeddingJobStatus(
         phase=phase,
         conditions=conds,
@@ -282,26 +287,84 @@ def _run(
         shards_ready=f"{len(done)}/{count}",
         shards_done=format_ranges(done),
         shards_failed=format_ranges(failed),
+        shards_running=format_ranges(e.shard for e in manifest
+                                     if e.shard >= 0 and e.state == ShardState.running),
+        shard_attempts=_attempt_ranges(manifest),
         shard_count=count,
-        manifest=sorted(manifest, key=lambda e: e.shard),
+        manifest=full,
+        manifest_omitted=omitted,
         message=message,
     )
 
 
 def _suspended_manifest(
-    old: list[ShardEntry],
+    old: Mapping[int, ShardEntry],
     latest: Mapping[tuple[str, int], PodView],
     progress: Mapping[int, ShardProgress],
     done: set[int],
 ) -> list[ShardEntry]:
     """Remember which attempt each shard was at, so that resuming starts the next one."""
-    entries = {e.shard: e for e in old if e.shard >= 0 and e.shard not in done}
+    entries = {s: e for s, e in old.items() if s >= 0 and s not in done}
     for (role, shard), pod in latest.items():
         if role == ROLE_WORKER and shard not in done:
             entry = _entry(shard, pod, progress.get(shard), entries.get(shard),
                            ShardState.pending)
             entries[shard] = entry
     return list(entries.values())
+
+
+# --- the compact manifest ------------------------------------------------------------------
+
+
+def compact_manifest(entries: list[ShardEntry], cap: int) -> tuple[list[ShardEntry], int]:
+    """The entries worth a full record, at most ``cap``, and how many were left out.
+
+    An unremarkable shard (attempt and pod only) is summarised by status.shardAttempts;
+    what a left-out entry held is also in its pod's history annotation, and the shard's
+    attempt number (which keeps part names unique) is always in shardAttempts.
+    """
+    notable = [e for e in entries if _notable(e)]
+    # Most recent failures first, then whatever changes the next attempt before the rest.
+    notable.sort(key=lambda e: e.last_failure.time if e.last_failure else "", reverse=True)
+    notable.sort(key=lambda e: not _essential(e))
+    kept = notable[:cap]
+    return sorted(kept, key=lambda e: e.shard), len(notable) - len(kept)
+
+
+def _essential(entry: ShardEntry) -> bool:
+    """Steps, failed or waiting shards, and overrides the next attempt must start with."""
+    return (entry.shard < 0 or entry.state in (ShardState.failed, ShardState.backoff)
+            or entry.not_before is not None or entry.batch_tokens is not None
+            or entry.precision is not None
+            or bool(entry.avoid_nodes or entry.isolate or entry.quarantine))
+
+
+def _notable(entry: ShardEntry) -> bool:
+    return entry.pod is None or _essential(entry) or bool(
+        entry.failures or entry.last_failure or entry.quarantined
+    )
+
+
+def _attempt_ranges(entries: list[ShardEntry]) -> dict[str, str]:
+    by_attempt: dict[int, list[int]] = {}
+    for e in entries:
+        if e.shard >= 0 and e.pod is not None:
+            by_attempt.setdefault(e.attempt, []).append(e.shard)
+    return {str(a): format_ranges(shards) for a, shards in sorted(by_attempt.items())}
+
+
+def expand_manifest(status: EmbeddingJobStatus, job: str) -> dict[int, ShardEntry]:
+    """Full entries plus one re-derived for each shard that shardAttempts summarises."""
+    entries = {e.shard: e for e in status.manifest}
+    running = parse_ranges(status.shards_running)
+    for key, ranges in status.shard_attempts.items():
+        with contextlib.suppress(ValueError):
+            attempt = int(key)
+            for shard in parse_ranges(ranges) - set(entries):
+                state = ShardState.running if shard in running else ShardState.pending
+                entries[shard] = ShardEntry(shard=shard, state=state, attempt=attempt,
+                                            pod=pod_name(job, ROLE_WORKER, shard, attempt))
+    return entries
 
 
 def _latest(pods: list[PodView]) -> dict[tuple[str, int], PodView]:

@@ -229,6 +229,8 @@ class Kubelet:
         self.instant = instant  # pod -> exit code, reported at once without a process
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, dict[str, Any]]] = {}
         self.oom: set[str] = set()
+        self.held: set[str] = set()  # pods left Pending as unschedulable until scheduled
+        self.was_held: set[str] = set()
         self.kill_at: dict[str, float] = {}
         self.reported: set[str] = set()
         self.seen_at: dict[str, float] = {}  # first seen by this kubelet (time.monotonic)
@@ -282,8 +284,11 @@ class Kubelet:
                 continue
             if meta.get("deletionTimestamp"):
                 self._terminate(pod)
-            elif name not in self.procs and not (pod.get("status") or {}).get("phase"):
-                if self.instant is not None:
+            elif name not in self.procs and (pod.get("status") or {}).get("phase") in (
+                    None, "Pending"):
+                if name in self.held:
+                    self._hold(pod)
+                elif self.instant is not None:
                     self._finish_at_once(pod, self.instant(pod))
                 else:
                     self._run(pod)
@@ -345,8 +350,22 @@ class Kubelet:
             proc = subprocess.Popen(self.command(pod), env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
         self.procs[meta["name"]] = (proc, term, pod)
-        self._patch(meta["name"], ns, {"spec": {"nodeName": self.node},
-                                       "status": {"phase": "Running", "startTime": _now()}})
+        status: dict[str, Any] = {"phase": "Running", "startTime": _now()}
+        if meta["name"] in self.was_held:
+            status["conditions"] = [{"type": "PodScheduled", "status": "True",
+                                     "lastTransitionTime": _now()}]
+        self._patch(meta["name"], ns, {"spec": {"nodeName": self.node}, "status": status})
+
+    def _hold(self, pod: dict[str, Any]) -> None:
+        """Like the scheduler finding no node: Pending with PodScheduled=False/Unschedulable."""
+        meta = pod["metadata"]
+        if meta["name"] in self.was_held:
+            return
+        self.was_held.add(meta["name"])
+        self._patch(meta["name"], meta["namespace"], {"status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+             "lastTransitionTime": _now()}]}})
 
     def _finish_at_once(self, pod: dict[str, Any], exit_code: int) -> None:
         """Scheduled, run and terminated in one status write (benchmarks: no process)."""
@@ -404,6 +423,16 @@ class Kubelet:
                  "reason": "TerminationByKubelet"}]}})
             self._kill(name, signal.SIGTERM)
             self.kill_at[name] = time.monotonic() + grace
+
+    def hold(self, name: str) -> None:
+        """Leave pod ``name`` (created now or later) unschedulable until :meth:`schedule`."""
+        with self._lock:
+            self.held.add(name)
+
+    def schedule(self, name: str) -> None:
+        """A node fits now: the held pod starts on the next tick."""
+        with self._lock:
+            self.held.discard(name)
 
     def oom_kill(self, name: str) -> None:
         with self._lock:

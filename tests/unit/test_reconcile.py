@@ -11,7 +11,7 @@ from operator_helpers import T0, job, with_state
 from embedjob.failures import TerminationMessage
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import build_pod
-from embedjob.operator.reconcile import format_ranges, parse_ranges, reconcile
+from embedjob.operator.reconcile import MANIFEST_CAP, format_ranges, parse_ranges, reconcile
 from embedjob.operator.views import IndexInfo, ShardProgress
 from embedjob.policy import ShardHistory
 
@@ -67,7 +67,8 @@ def test_index_done_starts_shards_up_to_parallelism() -> None:
     plan = reconcile(job({"phase": "Indexing"}, parallelism=2), [done], {}, T0, S, IDX)
     assert names(plan) == ["j-0-0", "j-1-0"]
     assert plan.status["phase"] == "Running"
-    assert [e["shard"] for e in plan.status["manifest"]] == [0, 1]
+    # Fresh attempts have nothing to tell: summarised, not listed.
+    assert plan.status["shardAttempts"] == {"0": "0-1"} and plan.status["manifest"] == []
 
 
 def test_idempotent_when_pods_exist() -> None:
@@ -80,7 +81,7 @@ def test_finished_shards_are_ranges_not_entries() -> None:
     pods = [succeeded(0), succeeded(1), running(2)]
     plan = reconcile(job(RUNNING), pods, {}, T0, S, IDX)
     assert plan.status["shardsDone"] == "0-1"
-    assert [e["shard"] for e in plan.status["manifest"]] == [2]
+    assert plan.status["shardsRunning"] == "2" and plan.status["shardAttempts"] == {"0": "2"}
 
 
 FAILURES = [
@@ -268,3 +269,83 @@ def test_preemption_reports_gpu_seconds_since_the_last_commit() -> None:
                      prog, T0 + timedelta(seconds=100), S, IDX)
     lost = [e.gpu_seconds_lost for e in plan.events if e.reason == "RetryPreempted"]
     assert lost == [60.0]  # 2 GPUs x 30 s since the commit at t=70
+
+
+# --- the compact status at 10^4 shards ----------------------------------------------------
+
+BIG = 10_000
+PATCH_LIMIT = 256 * 1024
+
+
+def _patch_size(status: dict) -> int:
+    """The status as the operator's first patch sends it (the whole status, as JSON)."""
+    return len(json.dumps({"status": status}).encode())
+
+
+def _big_world(attempt: int) -> tuple:
+    """10^4 shards all running at once, each with progress; attempt > 0: each was preempted
+    once (at a different time), so every entry has a last failure to tell."""
+    spec = {"shards": BIG, "parallelism": BIG}
+    j = job(RUNNING, **spec)
+    pods = []
+    for s in range(BIG):
+        last = json.dumps({"type": "preempted", "message": "TerminationByKubelet",
+                           "time": (T0 + timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        manifest = build_pod(j, "worker", s, attempt, ShardHistory(attempts=attempt + 1), S,
+                             last_failure=last if attempt else None)
+        pods.append(with_state(manifest, "Running", started=BIG))
+    prog = {s: ShardProgress(shard=s, attempt=attempt, done=400 + s % 500, total=1000,
+                             rate=2.5, updated=T0) for s in range(BIG)}
+    return j, pods, prog, IndexInfo(BIG, 1000 * BIG)
+
+
+def test_ten_thousand_running_shards_fit_in_a_small_status() -> None:
+    j, pods, prog, index = _big_world(0)
+    plan = reconcile(j, pods, prog, T0 + timedelta(seconds=BIG), S, index)
+    status = plan.status
+    assert _patch_size(status) < PATCH_LIMIT
+    assert status["shardsRunning"] == f"0-{BIG - 1}"
+    assert status["shardAttempts"] == {"0": f"0-{BIG - 1}"}
+    assert status["manifest"] == [] and status["manifestOmitted"] == 0
+    assert status["progress"]["done"] == sum(p.done for p in prog.values())
+    assert plan.pods_to_create == []
+
+
+def test_ten_thousand_preempted_shards_keep_the_latest_entries() -> None:
+    j, pods, prog, index = _big_world(1)
+    plan = reconcile(j, pods, prog, T0 + timedelta(seconds=BIG), S, index)
+    status = plan.status
+    assert _patch_size(status) < PATCH_LIMIT
+    kept = [e["shard"] for e in status["manifest"]]
+    assert kept == list(range(BIG - MANIFEST_CAP, BIG))  # the most recent failures
+    assert status["manifestOmitted"] == BIG - MANIFEST_CAP
+    assert status["shardAttempts"] == {"1": f"0-{BIG - 1}"}
+    # An omitted shard whose pod vanished: its attempt comes from shardAttempts, so the
+    # replacement is attempt 2 (part names stay unique), not a second attempt 0 or 1.
+    again = reconcile(job(status, shards=BIG, parallelism=BIG), pods[1:], prog,
+                      T0 + timedelta(seconds=BIG + 1), S, index)
+    assert names(again) == ["j-0-2"]
+    assert [e.reason for e in again.events] == ["RetryPreempted"]
+
+
+def test_a_summarised_shard_is_rederived_from_status_and_pods() -> None:
+    pods = [running(0), running(1), running(2)]
+    status = reconcile(job(RUNNING), pods, {}, T0, S, IDX).status
+    assert status["manifest"] == []
+    # Operator restart: same status, same pods -> nothing to do.
+    same = reconcile(job(status), pods, {}, T0, S, IDX)
+    assert same.pods_to_create == [] and same.status == status
+    # Shard 1's pod vanished with its node: preempted, attempt 1.
+    plan = reconcile(job(status), [pods[0], pods[2]], {}, T0, S, IDX)
+    assert names(plan) == ["j-1-1"] and plan.events[0].reason == "RetryPreempted"
+    entry = next(e for e in plan.status["manifest"] if e["shard"] == 1)
+    assert entry["attempt"] == 1 and entry["lastFailure"]["type"] == "preempted"
+    assert plan.status["shardAttempts"] == {"0": "0,2", "1": "1"}
+
+
+def test_suspended_summarised_shards_resume_at_the_next_attempt() -> None:
+    pods = [running(0), running(1), running(2)]
+    status = reconcile(job(RUNNING, suspend=True), pods, {}, T0, S, IDX).status
+    assert status["manifest"] == [] and status["shardAttempts"] == {"0": "0-2"}
+    resumed = reconcile(job(status), [], {}, T0, S, IDX)
+    assert sorted(names(resumed)) == ["j-0-1", "j-1-1", "j-2-1"]
