@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import pytest
 import yaml
-from workerkit import REPO, small_fasta
+from workerkit import REPO, merged, small_fasta, spec_doc
 
 import embedjob
 
@@ -35,20 +35,9 @@ def write_job(tmp: Path, spec: dict[str, Any], name: str = "test-job") -> Path:
 
 
 def small_spec(fasta: Path, out: Path | str, **extra: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "input": {"uri": str(fasta)},
-        "output": {"uri": str(out)},
-        "model": {"name": "esm2_t6_8M_UR50D", "weights": "random", "maxTokensPerBatch": 2048},
-        "shards": 2,
-        "checkpoint": {"everySequences": 6},
-        "retry": {"backoffSeconds": 0},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict):
-            spec.setdefault(key, {}).update(value)
-        else:
-            spec[key] = value
-    return spec
+    defaults: dict[str, Any] = {"shards": 2, "checkpoint": {"everySequences": 6},
+                                "retry": {"backoffSeconds": 0}}
+    return merged(spec_doc(str(fasta), str(out), **defaults), extra)
 
 
 def status(out: Path) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def small_fasta(path: Path, count: int) -> Path:
     return path
 
 
-def make_spec(input_uri: str, output_uri: str, **overrides: Any) -> EmbeddingJobSpec:
+def spec_doc(input_uri: str, output_uri: str, **overrides: Any) -> dict[str, Any]:
+    """A small test job's spec (8M model, random weights); dict overrides merge one level."""
     doc: dict[str, Any] = {
         "input": {"uri": input_uri},
         "output": {"uri": output_uri},
@@ -47,12 +48,21 @@ def make_spec(input_uri: str, output_uri: str, **overrides: Any) -> EmbeddingJob
         "shards": 1,
         "checkpoint": {"everySequences": 8},
     }
+    return merged(doc, overrides)
+
+
+def merged(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with ``overrides`` applied, dict values merged one level deep."""
     for key, value in overrides.items():
         if isinstance(value, dict):
             doc.setdefault(key, {}).update(value)
         else:
             doc[key] = value
-    return EmbeddingJobSpec.model_validate(doc)
+    return doc
+
+
+def make_spec(input_uri: str, output_uri: str, **overrides: Any) -> EmbeddingJobSpec:
+    return EmbeddingJobSpec.model_validate(spec_doc(input_uri, output_uri, **overrides))
 
 
 @dataclass
