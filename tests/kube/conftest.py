@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from envtest import ControlPlane, assets_folder, start_control_plane
 from kubernetes import client, config
 
 from embedjob.spec import API_GROUP
-from envtest import ControlPlane, assets_folder, start_control_plane
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "embeddingjob.yaml"
