@@ -72,8 +72,13 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "message": "spec.model is immutable: create a new EmbeddingJob for another model",
         },
         {
-            "rule": "self.windowOverlap < self.maxResidues",
+            # The server checks `default: {}` against this rule before it fills the nested
+            # defaults, so an unguarded rule fails on `{}` and the CRD is refused. Stored
+            # objects always carry both fields (defaulting runs before validation).
+            "rule": "!has(self.windowOverlap) || !has(self.maxResidues) "
+            "|| self.windowOverlap < self.maxResidues",
             "message": "spec.model.windowOverlap must be smaller than spec.model.maxResidues",
+            "fieldPath": ".windowOverlap",
         },
     ],
 }
