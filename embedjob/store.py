@@ -2,7 +2,9 @@
 
 Every write is all or nothing (a temp file renamed into place on disk, one PUT or a completed
 multipart upload on S3), and ``create_*`` writes a key at most once: ``os.link`` on disk,
-``If-None-Match: *`` on S3 (AWS since 2024, MinIO, moto's server). Errors come out as
+``If-None-Match: *`` on S3 (AWS since 2024, MinIO, moto's server). A create that finds exactly
+its own bytes already there (a retried PUT whose first response was lost) has succeeded;
+streamed reads resume after a dropped connection (:mod:`embedjob.s3io`). Errors come out as
 :class:`StorageError` (permanent: denied, no bucket, not found, unwritable) or
 :class:`TransientStorageError` (throttling, 5xx, connection trouble that outlived botocore's
 own retries), with one-line messages that never carry credentials.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import io
 import os
 import shutil
@@ -23,6 +26,8 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote
 
 from embedjob.failures import StorageError, TransientStorageError
+from embedjob.logs import log
+from embedjob.s3io import RetryingBody, digest_of, same_bytes
 from embedjob.spec import StorageSpec
 
 T = TypeVar("T")
@@ -36,7 +41,7 @@ class Store(Protocol):
     def open_read(self, key: str) -> BinaryIO: ...  # streaming; raises StorageError if missing
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...  # atomic: all or nothing
-    def create_bytes(self, key: str, data: bytes) -> bool: ...  # create once; False if it existed
+    def create_bytes(self, key: str, data: bytes) -> bool: ...  # create once; False: other bytes
     def upload_file(self, key: str, path: str) -> None: ...  # atomic; transfer manager on S3
     def create_file(self, key: str, path: str) -> bool: ...  # create once from a local file
     def download_file(self, key: str, path: str) -> None: ...
@@ -229,17 +234,26 @@ def _link_once(tmp: str, target: Path) -> bool:
         os.link(tmp, target)
         return True
     except FileExistsError:
-        return False
+        return _same_file(tmp, target)
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        return False
+        return _same_file(tmp, target)
     with os.fdopen(fd, "wb") as out, open(tmp, "rb") as src:
         shutil.copyfileobj(src, out, 1 << 20)
     return True
+
+
+def _same_file(tmp: str, target: Path) -> bool:
+    """A create-once that finds exactly its own bytes already there has succeeded (a retried
+    write whose first try landed); anything else is somebody else's file."""
+    try:
+        return filecmp.cmp(tmp, target, shallow=False)
+    except OSError:
+        return False
 
 
 def _copy_from(path: str, dst: BinaryIO, key_uri: str | None = None) -> None:
@@ -397,32 +411,6 @@ def _map_client_error(code: str, status: int, action: str, uri: str, bucket: str
     return StorageError(f"cannot {action} {uri}: S3 error {code or status}")
 
 
-class _S3Reader(io.RawIOBase):
-    """A readable raw stream over a GetObject body; mid-stream failures become storage
-    errors (a dropped connection halfway through a large object is transient)."""
-
-    def __init__(self, body: Any, uri: str) -> None:
-        self._body = body
-        self._uri = uri
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            data = self._body.read(len(buffer))
-        except Exception as err:
-            raise map_s3_error(err, "read", self._uri) from None
-        n = len(data)
-        buffer[:n] = data
-        return n
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._body.close()
-        super().close()
-
-
 class S3Store:
     """A prefix in an S3 bucket (AWS, MinIO, moto)."""
 
@@ -451,11 +439,19 @@ class S3Store:
             raise map_s3_error(err, action, f"s3://{self.bucket}/{key}") from None
 
     def open_read(self, key: str) -> BinaryIO:
+        """Stream an object; a body cut off mid-way is resumed (embedjob.s3io)."""
         full = self._key(key)
-        body = self._call(
-            "read", full, lambda: self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
-        )
-        reader = _S3Reader(body, f"s3://{self.bucket}/{full}")
+        uri = f"s3://{self.bucket}/{full}"
+
+        def fetch(start: int, etag: str | None) -> tuple[Any, str | None]:
+            extra: dict[str, str] = {"Range": f"bytes={start}-"} if start else {}
+            if etag:
+                extra["IfMatch"] = etag  # the same object, not one replaced meanwhile
+            answer = self._call("read", full, lambda: self.client.get_object(
+                Bucket=self.bucket, Key=full, **extra))
+            return answer["Body"], answer.get("ETag")
+
+        reader = RetryingBody(fetch, uri, lambda err: map_s3_error(err, "read", uri))
         return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[return-value]
 
     def read_bytes(self, key: str) -> bytes:
@@ -490,8 +486,9 @@ class S3Store:
             return self._put_once(full, f)
 
     def _put_once(self, full: str, body: bytes | BinaryIO) -> bool:
-        """PUT with ``If-None-Match: *``: False when the key already exists (412), or when a
-        concurrent conditional write to the same key won the race (409)."""
+        """PUT with ``If-None-Match: *``. When the key already exists (412, or 409 for a
+        concurrent conditional write): True if it holds exactly our bytes — botocore retried
+        a PUT whose response was lost, and the 412 answers our own first try — else False."""
         from botocore.exceptions import ClientError
 
         try:
@@ -503,32 +500,34 @@ class S3Store:
                 409,
                 412,
             ):
-                return self._conflict_outcome(full, code)
+                return self._conflict_outcome(full, body)
             raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
         except Exception as err:
             raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
 
-    def _conflict_outcome(self, full: str, code: str) -> bool:
-        if code == "PreconditionFailed":
-            return False
-        # 409: another conditional write was in flight; the key exists if that one succeeded,
-        # else our own write did not happen either — report the truth, not a guess.
-        if self._call("read", full, lambda: self._head(full)):
-            return False
-        raise TransientStorageError(
-            f"cannot write to s3://{self.bucket}/{full}: concurrent conditional write (409) — retry"
-        )
+    def _conflict_outcome(self, full: str, body: bytes | BinaryIO) -> bool:
+        head = self._call("read", full, lambda: self._head(full))
+        if head is None:
+            # 409 with nothing there: the other write failed and ours did not happen either —
+            # report the truth, not a guess.
+            raise TransientStorageError(f"cannot write to s3://{self.bucket}/{full}: "
+                                        "concurrent conditional write (409) — retry")
+        ours = digest_of(body)
+        same = same_bytes(head, lambda: self.open_read(full[len(self.prefix):]), ours)
+        if same:
+            log("storage.create_found_own", uri=f"s3://{self.bucket}/{full}", bytes=ours[2])
+        return same
 
-    def _head(self, full: str) -> bool:
+    def _head(self, full: str) -> dict[str, Any] | None:
+        """The HeadObject answer, or None when the key does not exist."""
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=full)
-            return True
+            return dict(self.client.head_object(Bucket=self.bucket, Key=full))
         except ClientError as err:
             code, status = _error_code(err)
             if code in _NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
-                return False
+                return None
             raise
 
     def download_file(self, key: str, path: str) -> None:
@@ -553,7 +552,7 @@ class S3Store:
 
     def exists(self, key: str) -> bool:
         full = self._key(key)
-        return self._call("read", full, lambda: self._head(full))
+        return self._call("read", full, lambda: self._head(full)) is not None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         full = self.prefix + prefix

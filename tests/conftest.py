@@ -3,6 +3,8 @@
 - ``s3_server``: the endpoint URL of one ThreadedMotoServer per test session.
 - ``s3_bucket``: a fresh bucket per test, with dummy AWS credentials in the environment
   (inherited by subprocesses); ``.uri(prefix)``, ``.storage`` (a StorageSpec), ``.client``.
+- ``s3_proxied``: ``s3_bucket`` behind a fault-injecting HTTP proxy (tests/faultproxy.py):
+  503/500, delays, responses dropped after the server acted, bodies cut mid-way.
 - ``s3_faults``: inject S3 error responses (503 SlowDown, 500, 403, ...) between boto3 and
   moto with a botocore ``before-send`` hook, for the next N matching requests.
 - ``s3_denied``: turn on moto's IAM checks and switch the environment to an IAM user with no
@@ -158,6 +160,30 @@ def s3_faults(s3_bucket: S3Bucket) -> Iterator[S3Faults]:
         yield faults
     finally:
         faults.close()
+
+
+# --- a fault-injecting proxy in front of moto ---------------------------------------------------
+
+
+@dataclass
+class ProxiedBucket(S3Bucket):
+    """``s3_bucket`` seen through :class:`faultproxy.FaultProxy` (its ``endpoint`` is the
+    proxy's URL; ``proxy.rate``/``proxy.force`` choose the faults)."""
+
+    proxy: Any = None
+
+
+@pytest.fixture
+def s3_proxied(s3_bucket: S3Bucket) -> Iterator[ProxiedBucket]:
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(upstream=s3_bucket.endpoint, seed=7).start()
+    try:
+        yield ProxiedBucket(endpoint=proxy.url, bucket=s3_bucket.bucket,
+                            storage=StorageSpec(endpoint_url=proxy.url, region=REGION),
+                            proxy=proxy)
+    finally:
+        proxy.stop()
 
 
 # --- real access denial -------------------------------------------------------------------------

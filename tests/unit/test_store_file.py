@@ -82,7 +82,12 @@ def test_create_once(store: FileStore, tmp_path: Path) -> None:
     source = tmp_path / "part.bin"
     source.write_bytes(b"payload")
     assert store.create_file("parts/p", str(source)) is True
+    # Exactly its own bytes already there: a retried create has succeeded.
+    assert store.create_file("parts/p", str(source)) is True
+    assert store.create_bytes("commits/1.json", b"first") is True
+    source.write_bytes(b"another")
     assert store.create_file("parts/p", str(source)) is False
+    assert store.read_bytes("parts/p") == b"payload"
     assert sorted(os.listdir(store.root / "commits")) == ["1.json"]
 
 
