@@ -18,7 +18,17 @@ from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
 from embedjob.failures import ConfigError
-from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL, EmbeddingJobSpec, EmbeddingJobStatus
+from embedjob.spec import (
+    API_GROUP,
+    API_VERSION,
+    ESM2_MODELS,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    PLURAL,
+    EmbeddingJobSpec,
+    EmbeddingJobStatus,
+)
 
 SHORT_NAMES = ["ej"]
 CATEGORIES = ["all", "embedjob"]
@@ -49,6 +59,38 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 # CEL rules (x-kubernetes-validations) by schema path under spec. Transition rules
 # (oldSelf) only run on update: they make what defines the output immutable, because
 # changing it mid-job would mix two jobs' embeddings under one prefix.
+def _quantity_rule(field: str) -> dict[str, str]:
+    """The server's own quantity parser, as spec.py's QUANTITY_PATTERN is pydantic's."""
+    return {
+        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+        "message": f"{field} must be a positive Kubernetes quantity, e.g. 4, 500m, 16Gi or 2G",
+    }
+
+
+def _model_rules() -> list[dict[str, str]]:
+    """spec.py's model-name and layer checks in CEL (guarded: see the windowOverlap rule)."""
+    layers = ", ".join(f"'{name}': {name.split('_')[1][1:]}" for name in ESM2_MODELS)
+    known = ", ".join(f"'{name}'" for name in (*ESM2_MODELS, "dnabert-s"))
+    return [
+        {
+            "rule": f"!has(self.name) || self.name in [{known}] || self.name.contains('/') "
+            "|| (has(self.weights) && !self.name.lowerAscii().startsWith('esm'))",
+            "message": "spec.model.name is not a known model: use esm2_t6_8M_UR50D … "
+            "esm2_t48_15B_UR50D, dnabert-s, or a Hugging Face id such as "
+            "'facebook/esm2_t6_8M_UR50D'",
+            "fieldPath": ".name",
+        },
+        {
+            "rule": f"!has(self.name) || !has(self.layer) || !(self.name in {{{layers}}}) || "
+            f"(self.layer <= {{{layers}}}[self.name] && "
+            f"self.layer >= -{{{layers}}}[self.name] - 1)",
+            "message": "spec.model.layer is out of range for this ESM-2 model: use 0..L or "
+            "-1 .. -(L+1), L its number of layers (esm2_t33_… has 33)",
+            "fieldPath": ".layer",
+        },
+    ]
+
+
 SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ("input",): [
         {
@@ -80,8 +122,24 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "message": "spec.model.windowOverlap must be smaller than spec.model.maxResidues",
             "fieldPath": ".windowOverlap",
         },
+        *_model_rules(),
     ],
+    ("resources", "cpu"): [_quantity_rule("spec.resources.cpu")],
+    ("resources", "memory"): [_quantity_rule("spec.resources.memory")],
 }
+
+# Rules on the whole object: CEL sees metadata.name at the root only.
+ROOT_RULES: list[dict[str, str]] = [
+    {
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: it goes into "
+        "the pods' embedjob.io/job label",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must be a DNS label: lowercase letters, digits and '-'",
+    },
+]
 
 
 class _DefaultFactories(GenerateJsonSchema):
@@ -239,6 +297,7 @@ def crd_manifest() -> dict[str, Any]:
                             "description": "A batch job that embeds FASTA sequences with a "
                             "protein or DNA language model, sharded over preemptible pods.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": ROOT_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

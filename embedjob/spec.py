@@ -6,12 +6,20 @@ Unknown fields are rejected so that a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from embedjob.failures import ConfigError, FailureType
@@ -32,6 +40,32 @@ ESM2_MODELS = (
 RANDOM_WEIGHTS = "random"
 """``model.weights: random`` loads random-initialised weights of the real architecture:
 a smoke test of the whole pipeline without a model download (like vLLM's dummy weights)."""
+
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 63
+"""A job's name goes into its pods' ``embedjob.io/job`` label, and a label value has at most
+63 characters. Kubernetes' own Job has the same limit for the same reason (its name goes into
+the ``job-name`` label); a hash-suffixed label (as JobSet does for long names) would make pods
+harder to find with ``-l embedjob.io/job=NAME``. Pod names ``NAME-SHARD-ATTEMPT`` and
+``NAME-finalize-ATTEMPT`` stay far below the 253 characters a pod name may have."""
+
+QUANTITY_PATTERN = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+"""Kubernetes' resource.Quantity grammar: a number, then a binary (Ki..Ei), decimal (n..E) or
+exponent suffix. ``2GB`` is not a quantity (``2G`` or ``2Gi`` are)."""
+
+
+def _positive_quantity(value: str) -> str:
+    if not re.fullmatch(QUANTITY_PATTERN, value) or value.startswith("-") or not re.search(
+        r"[1-9]", value.split("e")[0].split("E")[0]
+    ):
+        raise ValueError(
+            f"{value!r} is not a positive Kubernetes quantity: use e.g. 4, 500m, 16Gi or 2G"
+        )
+    return value
+
+
+Quantity = Annotated[str, Field(max_length=64), AfterValidator(_positive_quantity)]
 
 
 class Model(BaseModel):
@@ -171,8 +205,10 @@ class RetrySpec(Model):
 
 class ResourcesSpec(Model):
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu per worker pod")
-    cpu: str = Field("4")
-    memory: str = Field("16Gi")
+    cpu: Quantity = Field("4", description="CPU request per pod (a quantity: 4, 500m)")
+    memory: Quantity = Field(
+        "16Gi", description="Memory request and limit per pod (a quantity: 16Gi, 2G)"
+    )
 
 
 class StorageSpec(Model):
@@ -184,22 +220,30 @@ class StorageSpec(Model):
 
 
 class EmbeddingJobSpec(Model):
-    input: InputSpec
-    output: OutputSpec
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    input: InputSpec = Field(description="The FASTA input (immutable)")
+    output: OutputSpec = Field(description="Where embeddings go (immutable)")
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, description="The model and how it runs (immutable)"
+    )
     shards: int = Field(1, ge=1, le=100000, description="Number of shards (worker pods)")
     parallelism: int | None = Field(None, ge=1, description="Shards running at once (default all)")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    retry: RetrySpec = Field(default_factory=RetrySpec)
-    suspend: bool = False
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="How often workers commit their output"
+    )
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Attempt budgets per failure")
+    suspend: bool = Field(False, description="Stop all pods (they checkpoint); false resumes")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="GPUs, CPU and memory per worker pod"
+    )
     image: str | None = Field(None, description="Worker image (default: the operator's setting)")
     template: dict[str, Any] | None = Field(
         None,
         description="Pod template fragment merged into worker pods (nodeSelector, tolerations, "
         "affinity, priorityClassName, serviceAccountName, env, volumes)",
     )
-    storage: StorageSpec = Field(default_factory=StorageSpec)
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="S3 endpoint, region and credentials"
+    )
 
     @property
     def effective_parallelism(self) -> int:
@@ -208,7 +252,7 @@ class EmbeddingJobSpec(Model):
 
 class Metadata(Model):
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)
     namespace: str | None = None
 
 
