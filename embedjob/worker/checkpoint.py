@@ -158,6 +158,40 @@ def discard_parts(store: Store, shard: int) -> None:
             store.delete(key)
 
 
+def discard_part(store: Store, shard: int, name: str) -> None:
+    """Remove one part and its commit record (record first: a part without one never counts)."""
+    store.delete(layout.commit_key(shard, name))
+    store.delete(layout.part_key(shard, name))
+
+
+def discard_attempt(store: Store, shard: int, attempt: int) -> int:
+    """A late writer's cleanup once the shard is published: its own parts and records only."""
+    prefix = layout.part_name(attempt, 0)[:6]
+    names = {
+        key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        for base in (layout.shard_commits(shard), layout.shard_parts(shard))
+        for key in store.list(base)
+        if key.rsplit("/", 1)[-1].startswith(prefix)
+    }
+    for name in sorted(names):
+        discard_part(store, shard, name)
+    return len(names)
+
+
+def owns_progress(store: Store, shard: int, attempt: int) -> bool:
+    """Whether ``attempt`` may write progress.json: not once the shard is published, and not
+    over a newer attempt's report."""
+    if store.exists(layout.shard_done(shard)):
+        return False
+    try:
+        recorded = json.loads(store.read_bytes(layout.shard_progress(shard))).get("attempt", -1)
+    except ObjectNotFound:
+        return True
+    except (ValueError, AttributeError):
+        return True  # an unreadable report is replaced
+    return not isinstance(recorded, int) or recorded <= attempt
+
+
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -292,12 +326,19 @@ class PartWriter:
             rec = CommitRecord(name, self.progress.attempt, len(ids),
                                hashlib.sha256(data).hexdigest(), len(data))
             self.store.create_bytes(layout.commit_key(shard, name), rec.to_json())
+            if self.store.exists(layout.shard_done(shard)):
+                # A newer attempt published while this part was in flight. It lists and
+                # deletes parts after writing done.json, this check runs after the commit:
+                # one of the two always sees the other, so no part outlives the shard.
+                discard_part(self.store, shard, name)
+                log("checkpoint.late", part=name, note="shard already published; part removed")
+                return
             with self._lock:  # serialised, so progress.json never goes backwards
                 self.progress.committed += len(ids)
                 self.progress.parts += 1
                 doc = self.progress.document(self.extra_progress())
                 try:  # progress.json is a report; the commit record above is the truth
-                    self.store.write_bytes(layout.shard_progress(shard), doc)
+                    self._report(doc)
                 except StorageError as err:
                     log("progress.write_failed", error=str(err))
             log("checkpoint.committed", part=name, sequences=len(ids),
@@ -308,7 +349,15 @@ class PartWriter:
     def write_progress(self) -> None:
         with self._lock:
             doc = self.progress.document(self.extra_progress())
-        self.store.write_bytes(layout.shard_progress(self.progress.shard), doc)
+        self._report(doc)
+
+    def _report(self, doc: bytes) -> None:
+        """Write progress.json unless the shard is published or a newer attempt reports:
+        a late writer never overwrites the newer attempt's view."""
+        if owns_progress(self.store, self.progress.shard, self.progress.attempt):
+            self.store.write_bytes(layout.shard_progress(self.progress.shard), doc)
+        else:
+            log("progress.skipped", reason="a newer attempt reports or the shard is published")
 
     def _raise_upload_error(self) -> None:
         for f in self._futures:

@@ -41,6 +41,7 @@ from embedjob.worker.checkpoint import (
     PartWriter,
     ProgressState,
     clean_uncommitted,
+    discard_attempt,
     discard_parts,
     load_committed,
     next_part_index,
@@ -247,9 +248,20 @@ def _run_pass(
     return False
 
 
+def _published_elsewhere(cfg: WorkerConfig, store: Store) -> bool:
+    """A late writer: another attempt published the shard; remove this attempt's leftovers."""
+    if not store.exists(layout.shard_done(cfg.shard)):
+        return False
+    removed = discard_attempt(store, cfg.shard, cfg.attempt)
+    log("shard.done_elsewhere", removed_parts=removed)
+    return True
+
+
 def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: object,
             workdir: Path) -> None:
     """Assemble the shard file from parts, create it once, then the shard manifest."""
+    if _published_elsewhere(cfg, store):
+        return
     committed = load_committed(store, cfg.shard, shard_in.ids)
     keep = np.fromiter((i not in cfg.quarantine for i in shard_in.ids), dtype=bool,
                        count=len(shard_in))
@@ -265,8 +277,7 @@ def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: obj
                               attrs=attrs, workdir=workdir)
     except StorageError:
         # A newer attempt that published first deletes the parts: its result stands.
-        if store.exists(layout.shard_done(cfg.shard)):
-            log("shard.done_elsewhere")
+        if _published_elsewhere(cfg, store):
             return
         raise
     created = store.create_file(layout.shard_output(cfg.shard), str(path))
