@@ -24,6 +24,11 @@ REQUIRED_RULES: list[PolicyRule] = [
      "verbs": ["list", "watch", "patch"]},
     # kube.patch_status
     {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs/status"], "verbs": ["patch"]},
+    # kube.create_pod: pods name the job as owner with blockOwnerDeletion, which the
+    # OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) allows only to
+    # who may update the owner's finalizers; kopf's own finalizer is a patch of the job.
+    {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs/finalizers"],
+     "verbs": ["update"]},
     # kopf: the pod index (list+watch); kube.create_pod / kube.delete_pod
     {"apiGroups": [""], "resources": ["pods"],
      "verbs": ["list", "watch", "create", "delete"]},
