@@ -37,6 +37,7 @@ class IndexSummary:
     max_residues: int = 1022
     window_overlap: int = 0
     dtype: str = "float32"
+    weights: str = ""  # what the weights are (embedjob.weights_id); "" in older indexes
     version: int = SUMMARY_VERSION
 
     def settings(self) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class IndexSummary:
             "maxResidues": self.max_residues,
             "windowOverlap": self.window_overlap if self.long_sequences == "window" else 0,
             "dtype": self.dtype,
+            "weights": self.weights,
         }
 
     def to_json(self) -> bytes:

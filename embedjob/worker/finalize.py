@@ -42,6 +42,8 @@ def build_manifest(spec: EmbeddingJobSpec, summary: Any, shards: list[dict[str, 
         "dtype": spec.output.dtype,
         "dim": shards[0]["dim"] if shards else None,
         "fingerprint": summary.fingerprint,
+        "weights": summary.weights or None,  # sha256:…, random:seed=…, hub:name[@revision]
+        "weightsSource": spec.model.weights,
         "sequences": sum(s["count"] for s in shards),
         "quarantined": [i for s in shards for i in s.get("quarantined", [])],
         "merged": layout.MERGED if spec.output.merge else None,

@@ -35,6 +35,7 @@ from embedjob.failures import ConfigError, InputError
 from embedjob.spec import EmbeddingJobSpec, StorageSpec
 from embedjob.store import ObjectNotFound, Store, open_uri
 from embedjob.summary import IndexSummary, load_summary
+from embedjob.weights_id import weights_identity
 from embedjob.worker.fasta import Record, read_fasta
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,7 @@ def _wanted_settings(spec: EmbeddingJobSpec, alphabet: Alphabet) -> dict[str, An
         "maxResidues": model.max_residues,
         "windowOverlap": model.window_overlap if model.long_sequences == "window" else 0,
         "dtype": spec.output.dtype,
+        "weights": weights_identity(model, spec.storage),
     }
 
 
@@ -276,6 +278,8 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _check_existing(out: Store, existing: IndexSummary, wanted: dict[str, Any],
                     fingerprint: str | None) -> IndexSummary:  # fmt: skip
+    if not existing.weights:  # indexed before the weights were recorded: nothing to compare
+        wanted = {k: v for k, v in wanted.items() if k != "weights"}
     diff = _settings_diff(existing.settings(), wanted)
     if diff:
         raise _refuse(out, diff)
@@ -285,7 +289,7 @@ def _check_existing(out: Store, existing: IndexSummary, wanted: dict[str, Any],
 
 
 def _summarise(spec: EmbeddingJobSpec, alphabet: Alphabet, scan: _Scan,
-               assignment: np.ndarray) -> IndexSummary:  # fmt: skip
+               assignment: np.ndarray, weights: str) -> IndexSummary:  # fmt: skip
     lengths = np.frombuffer(scan.lengths, dtype=np.uint32).astype(np.int64)
     shards = max(1, min(spec.shards, len(lengths)))
     return IndexSummary(
@@ -306,6 +310,7 @@ def _summarise(spec: EmbeddingJobSpec, alphabet: Alphabet, scan: _Scan,
         max_residues=spec.model.max_residues,
         window_overlap=spec.model.window_overlap if spec.model.long_sequences == "window" else 0,
         dtype=spec.output.dtype,
+        weights=weights,
     )
 
 
@@ -335,7 +340,7 @@ def run_index(spec: EmbeddingJobSpec, out: Store, *, job_name: str = "") -> Inde
         long_sequences=spec.model.long_sequences,
         window_overlap=spec.model.window_overlap,
     )
-    summary = _summarise(spec, alphabet, scan, assignment)
+    summary = _summarise(spec, alphabet, scan, assignment, wanted["weights"])
     _write_shards(uris, spec.storage, alphabet, assignment, summary.shards, scan.fingerprint, out)
     if not out.create_bytes(layout.SUMMARY, summary.to_json()):
         # A concurrent index run (a restarted operator's second pod) finished first.
