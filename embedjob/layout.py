@@ -43,6 +43,11 @@ def shard_progress(shard: int) -> str:
     return f"{shard_dir(shard)}/progress.json"
 
 
+def shard_heartbeat(shard: int) -> str:
+    """Liveness: written by a running attempt after forward passes, at a bounded rate."""
+    return f"{shard_dir(shard)}/heartbeat.json"
+
+
 def shard_output(shard: int) -> str:
     return f"{shard_dir(shard)}/embeddings.h5"
 

@@ -2,7 +2,10 @@
 
 Syntax: ``;``-separated points, each ``action:key=value,key=value``. Conditions: ``batch``
 (0-based batch number within the attempt), ``attempt``, ``shard``, ``id`` (the batch holds
-this sequence id), ``times`` (fire at most N times per process). Actions:
+this sequence id), ``times`` (fire at most N times per process). A point with ``stage``
+(``loading``, ``resuming``, ``publishing``; ``indexing`` in ``embedjob run``) fires on
+entering that stage instead, and one with ``pass`` (0-based forward pass of the attempt,
+inside batches) before that forward pass; both only ``stall`` or ``die``. Actions:
 
 - ``gpu_oom``, ``cuda_error``, ``storage_error``: raise the failure the real path raises
 - ``nan``: poison the batch's embeddings with NaN (caught by the finiteness check)
@@ -70,11 +73,24 @@ class Failpoints:
         hits = [
             p
             for p in self.points
-            if p.action in actions and p.matches(batch, self.attempt, self.shard, ids)
+            if p.action in actions and not {"stage", "pass"} & p.params.keys()
+            and p.matches(batch, self.attempt, self.shard, ids)
         ]
         for p in hits:
             p.fired += 1
         return hits
+
+    def at(self, key: str, value: object) -> None:
+        """Stall or die where a ``stage=`` or ``pass=`` point says (no batch conditions)."""
+        hits = [p for p in self.points if p.action in ("stall", "die")
+                and p.params.get(key) == str(value) and p.matches(-1, self.attempt, self.shard, [])
+                and "batch" not in p.params]
+        for p in hits:
+            p.fired += 1
+            if p.action == "stall":
+                time.sleep(float(p.params.get("seconds", 3600)))
+            else:
+                os._exit(int(p.params.get("code", 137)))
 
     def before_batch(self, batch: int, ids: list[str]) -> None:
         for p in self._fire(batch, ids, ("stall", "die", "gpu_oom", "cuda_error", "storage_error")):

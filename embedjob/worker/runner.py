@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from embedjob.worker.checkpoint import (
     next_part_index,
 )
 from embedjob.worker.failpoints import Failpoints
+from embedjob.worker.heartbeat import Heartbeat, Interrupted, Stopper
 from embedjob.worker.shard_input import ShardInput, load_shard_input
 
 RESUME_ROUNDS = 3
@@ -117,18 +116,10 @@ def config_from_env(env: Mapping[str, str]) -> WorkerConfig:
 # --- stopping ---------------------------------------------------------------------------------
 
 
-def install_stop_handler() -> threading.Event:
-    """SIGTERM/SIGINT ask the worker to stop at the next batch boundary and save."""
-    stop = threading.Event()
-
-    def _handler(_signum: int, _frame: object) -> None:
-        # Only set the flag: writing to stderr here can hit a reentrant-write RuntimeError
-        # when the signal lands while the main thread is itself logging.
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
-    return stop
+def install_stop_handler() -> Stopper:
+    """SIGTERM/SIGINT: stop at once during load, resume and publish (nothing to save), or
+    before the next forward pass while embedding, saving what was embedded."""
+    return Stopper().install()
 
 
 # --- the embedding loop -------------------------------------------------------------------------
@@ -168,7 +159,7 @@ class Attempt:
 
 def embed_rows(
     cfg: WorkerConfig, embedder: object, shard_in: ShardInput, todo: np.ndarray,
-    writer: PartWriter, stop: threading.Event, attempt: Attempt,
+    writer: PartWriter, stop: Stopper, attempt: Attempt,
 ) -> None:
     """Embed ``todo`` rows batch by batch, handing results to the writer."""
     failpoints = Failpoints.from_env(cfg.shard, cfg.attempt)
@@ -176,7 +167,7 @@ def embed_rows(
     batches = plan_batches(shard_in.lengths, todo, shard_in.ids, set(cfg.isolate),
                            embedder.tokens_for, cfg.tokens_per_batch)  # type: ignore[attr-defined]
     for number, rows in enumerate(batches):
-        if stop.is_set():
+        if stop.flag.is_set():
             log("worker.stopping", batch=number)
             return
         ids = [shard_in.ids[r] for r in rows.tolist()]
@@ -187,6 +178,8 @@ def embed_rows(
         check_finite(emb, ids, embedder.precision)  # type: ignore[attr-defined]
         writer.add(rows, ids, emb.astype(dtype, copy=False))
         attempt.done += len(ids)
+        if stop.heartbeat is not None:
+            stop.heartbeat.rows_embedded(len(ids))
         attempt.batch, attempt.batch_ids = None, []
         if writer.due():
             writer.flush()
@@ -210,9 +203,10 @@ def _pending(done: np.ndarray, ids: list[str], quarantine: frozenset[str]) -> np
 
 def _run_pass(
     cfg: WorkerConfig, store: Store, embedder: object, shard_in: ShardInput,
-    stop: threading.Event, attempt: Attempt,
+    stop: Stopper, attempt: Attempt,
 ) -> bool:
     """One pass over what is not yet committed; True when nothing was left to do."""
+    stop.enter("resuming")
     if store.exists(layout.shard_done(cfg.shard)):
         return True  # a newer attempt published the shard while this one ran
     committed = load_committed(store, cfg.shard, shard_in.ids)
@@ -232,7 +226,10 @@ def _run_pass(
     writer = PartWriter(store, progress, every_sequences=ckpt.every_sequences,
                         every_seconds=ckpt.every_seconds, extra_progress=_gpu_memory,
                         first_index=next_part_index(store, cfg.shard, cfg.attempt))
-    writer.write_progress()  # a heartbeat: the model is loaded and this attempt is working
+    writer.write_progress()  # the model is loaded and this attempt is working
+    if stop.heartbeat is not None:
+        stop.heartbeat.embedding(committed.count)
+    stop.enter("embedding")
     try:
         embed_rows(cfg, embedder, shard_in, todo, writer, stop, attempt)
     except BaseException as err:  # save finished batches whatever stopped the loop
@@ -241,7 +238,7 @@ def _run_pass(
             err.details.update(committed=writer.committed, saved=saved)
         raise
     saved = writer.close(ckpt.shutdown_deadline_seconds)
-    if stop.is_set():
+    if stop.flag.is_set():
         state = "saved" if saved else "NOT all saved (upload deadline passed)"
         raise Preempted(f"stopped by signal; progress {state}", committed=writer.committed,
                         saved=saved)
@@ -295,7 +292,7 @@ def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: obj
     discard_parts(store, cfg.shard)
 
 
-def run_shard(cfg: WorkerConfig, stop: threading.Event, attempt: Attempt) -> None:
+def run_shard(cfg: WorkerConfig, stop: Stopper, attempt: Attempt) -> None:
     from embedjob.worker.models import load_embedder  # torch loads only here
 
     spec = cfg.spec
@@ -309,23 +306,38 @@ def run_shard(cfg: WorkerConfig, stop: threading.Event, attempt: Attempt) -> Non
         log("shard.already_done")
         return
     alphabet = alphabet_for(spec)
+    stop.heartbeat = Heartbeat(store, cfg.shard, cfg.attempt).start()
+    stop.failpoints = Failpoints.from_env(cfg.shard, cfg.attempt)
+    stop.deadline = spec.checkpoint.shutdown_deadline_seconds
+    stop.enter("loading")
     root = cfg.workdir or os.environ.get("TMPDIR") or tempfile.gettempdir()
     with tempfile.TemporaryDirectory(dir=root, prefix=f"embedjob-{cfg.shard:05d}-") as tmp:
         workdir = Path(tmp)
         shard_in = load_shard_input(store, cfg.shard, alphabet, workdir)
         try:
             embedder = load_embedder(spec.model, precision=cfg.precision, storage=spec.storage)
-            if stop.is_set():
-                raise Preempted("stopped by signal while loading the model; nothing to save")
+            embedder.before_forward = stop.before_forward  # type: ignore[attr-defined]
             for _ in range(RESUME_ROUNDS):
                 if _run_pass(cfg, store, embedder, shard_in, stop, attempt):
                     break
             else:
                 raise StorageError(f"shard {cfg.shard}: parts keep disappearing from the store")
+            stop.enter("publishing")
             publish(cfg, store, shard_in, embedder, workdir)
         finally:
             shard_in.close()
     log("shard.done", sequences=len(shard_in) - len(cfg.quarantine & set(shard_in.ids)))
+
+
+def _leave_at_once(stage: str) -> None:
+    """A signal during a stage with nothing buffered: say so and exit now. Committed parts
+    are already safe; threads still uploading a shard file must not delay the exit."""
+    write_termination_message(TerminationMessage(
+        type=Preempted.failure.value, message=f"stopped by signal while {stage}; nothing to save",
+    ))
+    log("worker.stopped", stage=stage)
+    sys.stderr.flush()
+    os._exit(Preempted.exit_code)
 
 
 def main(env: Mapping[str, str] | None = None) -> int:
@@ -337,6 +349,9 @@ def main(env: Mapping[str, str] | None = None) -> int:
         bind(job=cfg.job or None, shard=cfg.shard, attempt=cfg.attempt)
         run_shard(cfg, stop, attempt)
         return 0
+    except Interrupted as stopped:
+        _leave_at_once(stopped.stage)
+        return Preempted.exit_code
     except EmbedjobError as err:
         batch_ids = attempt.batch_ids if attempt.batch is not None else []
         message = TerminationMessage(

@@ -154,6 +154,9 @@ def fuse_state_dict(
 class Esm2Embedder:
     """The ``Embedder`` for ESM-2 (see ``embedjob.worker.models``)."""
 
+    before_forward: Callable[[], None] | None = None
+    """Run before every forward pass (the worker's heartbeat and stop check)."""
+
     def __init__(
         self,
         encoder: Esm2Encoder,
@@ -192,6 +195,8 @@ class Esm2Embedder:
         costs = [e - s + 2 for _, s, e in rows]
         budget = self.forward_tokens or max(costs) * len(costs)
         for chunk in make_batches(costs, budget):
+            if self.before_forward is not None:
+                self.before_forward()
             texts = [seqs[rows[r][0]][rows[r][1] : rows[r][2]] for r in chunk]
             pooled[chunk] = self._forward(texts)
         check_finite(pooled, self.precision)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,9 @@ def _needs_remote_code(snapshot: Path) -> bool:
 class HfEmbedder:
     """The ``Embedder`` for Hugging Face encoders: mean over non-special tokens, or CLS."""
 
+    before_forward: Callable[[], None] | None = None
+    """Run before every forward pass (the worker's heartbeat and stop check)."""
+
     def __init__(
         self,
         model: Any,
@@ -167,6 +170,8 @@ class HfEmbedder:
         costs = [self._row_cost(e - b) for _, b, e in rows]
         budget = self.forward_tokens or max(costs) * len(costs)
         for chunk in make_batches(costs, budget):
+            if self.before_forward is not None:
+                self.before_forward()
             pooled[chunk] = self._forward(
                 [seqs[rows[r][0]][rows[r][1] : rows[r][2]] for r in chunk]
             )
