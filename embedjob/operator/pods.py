@@ -93,6 +93,9 @@ def build_pod(
         annotations[ANN_LAST_FAILURE] = last_failure
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Workers never call the Kubernetes API: no token to steal from a compromised pod.
+        # (IRSA still works: EKS's webhook projects its own token volume.)
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": defaults.termination_grace_period_seconds,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_container(job, spec, role, shard, attempt, history, settings, template)],
@@ -143,6 +146,8 @@ def _container(
         "image": spec.image or settings.worker_image,
         "command": ["embedjob"],
         "args": [COMMANDS[role]],
+        # The image's WORKDIR, set here too so that any image honouring the contract works.
+        "workingDir": CACHE_DIR,
         "env": _env(job, spec, shard, attempt, history, settings, template),
         "resources": _resources(spec, settings, gpu=role == ROLE_WORKER),
         "terminationMessagePath": DEFAULT_TERMINATION_LOG,

@@ -53,6 +53,8 @@ CASES = [
     ("restricted", lambda p: p["spec"]["containers"][0]["securityContext"] == {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}),
+    ("no API token in worker pods", lambda p: p["spec"]["automountServiceAccountToken"] is False),
+    ("works in /cache", lambda p: p["spec"]["containers"][0]["workingDir"] == "/cache"),
     ("tmp writable", lambda p: {"name": "tmp", "mountPath": "/tmp"}
      in p["spec"]["containers"][0]["volumeMounts"]),
     ("defaults tolerations", lambda p: p["spec"]["tolerations"][0]["key"] == "spot"),
