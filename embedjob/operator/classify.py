@@ -19,6 +19,11 @@ def classify(pod: PodView) -> Failure:
     message = TerminationMessage.from_json(pod.termination_message)
     if message is not None:
         return replace(classify_exit(pod.exit_code, message), node=pod.node)
+    if pod.deleting and pod.exit_code == 137:
+        # SIGKILL at the end of a deletion's grace period (a drain, a user, a short grace):
+        # a stop, not the kernel's OOM killer, which the kubelet would report as OOMKilled.
+        return Failure(FailureType.preempted, "killed after the deletion grace period",
+                       node=pod.node)
     if pod.disruption or pod.pod_reason in PREEMPTION_REASONS:
         why = pod.disruption or pod.pod_reason or "disruption"
         text = f"{why}: {pod.pod_message}" if pod.pod_message else why

@@ -34,6 +34,9 @@ ROWS = [
     ("disruption target", dict(exit_code=137, reason="Error", conditions=[
         {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]),
      F.preempted),
+    ("killed past its grace while deleted", dict(exit_code=137, reason="Error", deleting=0),
+     F.preempted),
+    ("sigkill not deleted", dict(exit_code=137, reason="Error"), F.host_oom),
     ("log tail as message", dict(exit_code=1, reason="Error", message="Traceback ...\nboom"),
      F.generic),
     ("no exit code", dict(), F.generic),
