@@ -7,6 +7,8 @@ is synchronous; calls run in worker threads so the event loop keeps serving othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -50,8 +52,41 @@ def reset() -> None:
     _api = None
 
 
+EVENT_MESSAGE_BYTES = 1024
+"""The API server refuses an Event (with eventTime) whose message has more bytes than this."""
+PERMANENT = frozenset({400, 403, 404, 422})
+"""Answers to a pod create that no retry can fix: the pod itself is invalid (400, 422), the
+operator may not create it (403), the namespace is gone (404)."""
+
+
+class PodRefused(Exception):
+    """The API server refused a pod for good; the message carries the server's own words."""
+
+
+def describe(err: ApiException) -> str:
+    """``422 Unprocessable Entity: <the server's message>`` (the Status body's message, not
+    the headers that ``str(err)`` starts with)."""
+    message = ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = str(json.loads(err.body or "").get("message", ""))
+    if not message:
+        message = (err.body or "").strip() if isinstance(err.body, str) else ""
+    return f"{err.status} {err.reason}: {message}" if message else f"{err.status} {err.reason}"
+
+
+TRANSIENT_403 = ("exceeded quota", "error looking up service account")
+"""403s that heal by themselves: a full quota frees up when other pods end (Kubernetes' Job
+controller retries it too); a new namespace's ServiceAccount appears within seconds."""
+
+
+def permanent(err: ApiException) -> bool:
+    body = err.body if isinstance(err.body, str) else ""
+    return err.status in PERMANENT and not any(text in body for text in TRANSIENT_403)
+
+
 async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
-    """Create; False if it already exists (a repeated plan, an operator restart)."""
+    """Create; False if it already exists (a repeated plan, an operator restart).
+    Raises PodRefused when no retry can succeed."""
     try:
         await _call(
             client.CoreV1Api(connect()).create_namespaced_pod, namespace, manifest
@@ -59,8 +94,19 @@ async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
     except ApiException as err:
         if err.status == 409:
             return False
+        if permanent(err):
+            name = manifest.get("metadata", {}).get("name")
+            raise PodRefused(f"the API server refused pod {name}: {describe(err)}") from None
         raise
     return True
+
+
+def fit_bytes(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "..."
 
 
 async def delete_pod(namespace: str, name: str) -> bool:
@@ -93,7 +139,7 @@ async def post_event(job: JobView, event: Event) -> None:
         },
         "type": event.type,
         "reason": event.reason,
-        "message": event.message,
+        "message": fit_bytes(event.message, EVENT_MESSAGE_BYTES),
         "source": {"component": "embedjob-operator"},
         "reportingComponent": "embedjob-operator",
         "reportingInstance": "embedjob-operator",
@@ -108,4 +154,4 @@ async def post_event(job: JobView, event: Event) -> None:
             client.CoreV1Api(connect()).create_namespaced_event, job.namespace, body
         )
     except ApiException as err:
-        log.warning("could not post event %s on %s: %s", event.reason, job.name, err.reason)
+        log.warning("could not post event %s on %s: %s", event.reason, job.name, describe(err))

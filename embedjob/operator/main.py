@@ -25,7 +25,7 @@ from embedjob import layout
 from embedjob.operator import kube, metrics
 from embedjob.operator.config import OperatorSettings, load_settings
 from embedjob.operator.pods import pod_name
-from embedjob.operator.reconcile import Plan, parse_ranges, reconcile
+from embedjob.operator.reconcile import Plan, parse_ranges, reconcile, refused
 from embedjob.operator.views import (
     LABEL_JOB_UID,
     ROLE_INDEX,
@@ -129,8 +129,9 @@ class JobLoop:
                 timeout = await self.step(body, index)
             except (kube.ApiException, OSError) as err:
                 # An API hiccup must not park the job's loop for kopf's daemon backoff.
+                text = kube.describe(err) if isinstance(err, kube.ApiException) else str(err)
                 log.warning(json.dumps({"job": body.get("metadata", {}).get("name"),
-                                        "event": "api_error", "error": str(err)[:300]}))
+                                        "event": "api_error", "error": text}))
                 timeout = API_RETRY_SECONDS
             await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of pod events land first
             deadline = time.monotonic() + timeout
@@ -148,7 +149,11 @@ class JobLoop:
             await self.read_ended(job, pods)
         now = datetime.now(timezone.utc)
         plan = reconcile(job, pods, self.progress, now, SETTINGS, self.index)
-        await self.apply(job, plan)
+        refusal = await self.apply(job, plan)
+        if refusal is not None:  # no retry can fix it: the job fails, saying why
+            log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
+            plan = refused(job, pods, refusal, now)
+            await self.apply(job, plan)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
         if self.pending_status is not None:
@@ -175,7 +180,8 @@ class JobLoop:
                 del self.expected[name]
         return pods + [view for _, view in self.expected.values()]
 
-    async def apply(self, job: JobView, plan: Plan) -> None:
+    async def apply(self, job: JobView, plan: Plan) -> str | None:
+        """Carry out the plan; the first permanent refusal of a pod create, if any."""
         limit = asyncio.Semaphore(API_CONCURRENCY)
 
         async def create(manifest: dict[str, Any]) -> None:
@@ -194,7 +200,12 @@ class JobLoop:
             async with limit:
                 await kube.delete_pod(job.namespace, name)
 
-        await asyncio.gather(*(create(m) for m in plan.pods_to_create))
+        results = await asyncio.gather(*(create(m) for m in plan.pods_to_create),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        refusals = [str(e) for e in errors if isinstance(e, kube.PodRefused)]
+        if len(errors) > len(refusals):
+            raise next(e for e in errors if not isinstance(e, kube.PodRefused))
         await asyncio.gather(*(delete(n) for n in plan.pods_to_delete))
         for event in plan.events:
             if event.key in self.posted:
@@ -216,6 +227,7 @@ class JobLoop:
             plan.status_urgent or self.since_patch() >= SETTINGS.status_interval_seconds
         ):
             await self.flush(job)
+        return refusals[0] if refusals else None
 
     async def flush(self, job: JobView) -> None:
         new = self.pending_status

@@ -178,19 +178,28 @@ def _conds(status: EmbeddingJobStatus) -> list[tuple[str, str, str]]:
     return [(c.type, c.status, c.reason) for c in status.conditions]
 
 
-def _invalid(job: JobView, message: str, now: datetime) -> Plan:
+def _invalid(job: JobView, message: str, now: datetime, reason: str = "InvalidSpec") -> Plan:
     status = job.status.model_copy(
         update={
             "phase": Phase.failed,
             "observed_generation": job.generation,
             "message": message,
             "conditions": _set_conditions(
-                job.status.conditions, now, {"Failed": ("True", "InvalidSpec", message)}
+                job.status.conditions, now, {"Failed": ("True", reason, message)}
             ),
         }
     )
-    event = Event("Warning", "InvalidSpec", message, f"invalid/{job.generation}")
+    event = Event("Warning", reason, message, f"{reason}/{job.generation}")
     return Plan(status=dump_status(status), status_urgent=True, events=[event])
+
+
+def refused(job: JobView, pods: list[PodView], message: str, now: datetime) -> Plan:
+    """The API server refused a pod for a reason no retry can fix (an invalid pod, no
+    permission): the job fails with the server's words, and its other pods stop (they
+    checkpoint; a new job with the same output resumes them)."""
+    plan = _invalid(job, f"{message} — fix the spec and create the job again", now,
+                    reason="PodRejected")
+    return replace(plan, pods_to_delete=[p.name for p in pods if p.active and not p.deleting])
 
 
 def _run(
