@@ -8,6 +8,7 @@ from typing import Any
 
 from embedjob import layout
 from embedjob.failures import ConfigError
+from embedjob.repair import DamagedOutput, h5_errors, open_h5
 from embedjob.spec import StorageSpec
 from embedjob.store import Store, open_store
 
@@ -21,11 +22,29 @@ def _sha256(store: Store, key: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _check_h5(local: str, key: str, entry: dict[str, Any], manifest: dict[str, Any],
+              seen: set[str]) -> list[str]:
+    """Problems inside one shard file (rows, repeated ids, dtype); damage as DamagedOutput."""
+    problems: list[str] = []
+    with open_h5(local, key) as h5, h5_errors(key):
+        ids = [i.decode() if isinstance(i, bytes) else i for i in h5["ids"][:]]
+        if len(ids) != entry["count"] or h5["embeddings"].shape[0] != entry["count"]:
+            problems.append(f"{key}: {len(ids)} rows, manifest says {entry['count']}")
+        if len(set(ids)) != len(ids):
+            problems.append(f"{key}: {len(ids) - len(set(ids))} ids appear twice")
+        if str(h5["embeddings"].dtype) != manifest["dtype"]:
+            problems.append(f"{key}: dtype {h5['embeddings'].dtype}, manifest says "
+                            f"{manifest['dtype']}")
+        repeated = seen.intersection(ids)
+        if repeated:
+            problems.append(f"{key}: {len(repeated)} ids appear in another shard too")
+        seen.update(ids)
+    return problems
+
+
 def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
     """Problems found: a missing file, a checksum or count that disagrees, a repeated id."""
     import tempfile
-
-    import h5py
 
     problems: list[str] = []
     seen: set[str] = set()
@@ -41,19 +60,10 @@ def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
                 continue
             local = f"{tmp}/shard.h5"
             store.download_file(key, local)
-            with h5py.File(local, "r") as h5:
-                ids = [i.decode() if isinstance(i, bytes) else i for i in h5["ids"][:]]
-                if len(ids) != entry["count"] or h5["embeddings"].shape[0] != entry["count"]:
-                    problems.append(f"{key}: {len(ids)} rows, manifest says {entry['count']}")
-                if len(set(ids)) != len(ids):
-                    problems.append(f"{key}: {len(ids) - len(set(ids))} ids appear twice")
-                if str(h5["embeddings"].dtype) != manifest["dtype"]:
-                    problems.append(f"{key}: dtype {h5['embeddings'].dtype}, manifest says "
-                                    f"{manifest['dtype']}")
-                repeated = seen.intersection(ids)
-                if repeated:
-                    problems.append(f"{key}: {len(repeated)} ids appear in another shard too")
-                seen.update(ids)
+            try:
+                problems.extend(_check_h5(local, key, entry, manifest, seen))
+            except DamagedOutput as err:
+                problems.append(str(err))
     merged = manifest.get("merged")
     if merged:
         if not store.exists(merged):

@@ -19,6 +19,7 @@ import numpy as np
 
 from embedjob import layout
 from embedjob.failures import ConfigError
+from embedjob.repair import RERUN, DamagedOutput, h5_errors, open_h5
 from embedjob.spec import StorageSpec
 from embedjob.store import FileStore, Store, local_path, open_store
 
@@ -70,7 +71,12 @@ class Embeddings:
                 path = self._cache / f"{tag}-{k:05d}.h5"
                 if not path.exists():
                     self.store.download_file(key, str(path))
-            self._files[k] = self._h5py.File(path, "r")
+            what = f"{self.store.uri}{key}"
+            expected = self._shards[k].get("bytes")
+            if expected is not None and path.stat().st_size != expected:
+                raise DamagedOutput(f"{what} is {path.stat().st_size} bytes, the manifest says "
+                                    f"{expected} — it is damaged or truncated: {RERUN}")
+            self._files[k] = open_h5(path, what)
         return self._files[k]
 
     @property
@@ -82,7 +88,10 @@ class Embeddings:
             yield from self._shard_ids(k)
 
     def _shard_ids(self, k: int) -> list[str]:
-        return [x.decode() if isinstance(x, bytes) else x for x in self._file(k)["ids"][:]]
+        h5 = self._file(k)
+        with h5_errors(f"{self.store.uri}{self._shards[k]['file']}"):
+            raw = h5["ids"][:]
+        return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
     # --- access
     def _locate(self, row: int) -> tuple[int, int]:
@@ -95,7 +104,9 @@ class Embeddings:
         if seq_id not in self._index:
             raise KeyError(seq_id)
         k, r = self._locate(self._index[seq_id])
-        return np.asarray(self._file(k)["embeddings"][r])
+        h5 = self._file(k)
+        with h5_errors(f"{self.store.uri}{self._shards[k]['file']}"):
+            return np.asarray(h5["embeddings"][r])
 
     def __contains__(self, seq_id: object) -> bool:
         if self._index is None:

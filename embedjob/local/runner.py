@@ -26,6 +26,7 @@ from embedjob.local.scheduler import Outcome, Shard, finish, ready, start, statu
 from embedjob.local.view import View
 from embedjob.logs import log
 from embedjob.policy import worker_env
+from embedjob.repair import check_and_reset
 from embedjob.spec import EmbeddingJob, Phase, ShardState, dump_spec
 from embedjob.store import Store, open_store
 from embedjob.worker.index import run_index
@@ -83,6 +84,8 @@ class LocalRun:
     def run(self) -> int:
         name = self.job.metadata.name
         summary = run_index(self.spec, self.store, job_name=name)
+        for line in check_and_reset(self.store, summary.shards):
+            self.view.message(line)  # a damaged shard is embedded again, not called complete
         if self.store.exists(layout.MANIFEST):
             from embedjob.worker.finalize import finalize
 

@@ -12,6 +12,16 @@ import h5py
 from embedjob import layout
 from embedjob.failures import ConfigError
 from embedjob.logs import log
+from embedjob.repair import (
+    RERUN,
+    DamagedOutput,
+    h5_errors,
+    open_h5,
+    read_done,
+    reset_shards,
+    sha256_of,
+    shard_problem,
+)
 from embedjob.spec import EmbeddingJobSpec
 from embedjob.store import Store, open_store
 from embedjob.summary import load_summary
@@ -21,12 +31,32 @@ MANIFEST_VERSION = 1
 
 
 def shard_manifests(store: Store, shards: int) -> list[dict[str, Any]]:
+    """Every shard's done record, each checked against its file re-hashed now: a file
+    deleted, truncated or changed since its worker published it is never listed as done."""
     missing = [k for k in range(shards) if not store.exists(layout.shard_done(k))]
     if missing:
         raise ConfigError(
             f"{len(missing)} shards are not finished (first: {missing[0]}): run their workers first"
         )
-    return [json.loads(store.read_bytes(layout.shard_done(k))) for k in range(shards)]
+    records, damaged = [], []
+    for k in range(shards):
+        done = read_done(store, k) or {}
+        problem = shard_problem(store, k, done, verify=False)
+        if problem is None:
+            sha, size = sha256_of(store, layout.shard_output(k))
+            if sha != done["sha256"]:
+                problem = f"shard {k}: {layout.shard_output(k)} sha256 {sha[:12]}… does not " \
+                          "match its done record"
+            done = {**done, "sha256": sha, "bytes": size}
+        if problem:
+            damaged.append((k, problem))
+        records.append(done)
+    if damaged:
+        reset_shards(store, [k for k, _ in damaged])
+        log("shards.damaged", shards=[k for k, _ in damaged], first=damaged[0][1])
+        raise DamagedOutput(f"{len(damaged)} finished shards are damaged ({damaged[0][1]}); "
+                            f"they were reset: {RERUN.replace(' it', ' them')}")
+    return records
 
 
 def build_manifest(spec: EmbeddingJobSpec, summary: Any, shards: list[dict[str, Any]],
@@ -58,7 +88,8 @@ def build_manifest(spec: EmbeddingJobSpec, summary: Any, shards: list[dict[str, 
 def _first_attrs(store: Store, workdir: Path) -> dict[str, Any]:
     local = workdir / "first.h5"
     store.download_file(layout.shard_output(0), str(local))
-    with h5py.File(local, "r") as h5:
+    what = f"{store.uri}{layout.shard_output(0)}"
+    with open_h5(local, what) as h5, h5_errors(what):
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
 
 
@@ -75,7 +106,8 @@ def merge_shards(store: Store, manifest: dict[str, Any], attrs: dict[str, Any],
         for entry in manifest["shards"]:
             local = workdir / "shard.h5"
             store.download_file(entry["file"], str(local))
-            with h5py.File(local, "r") as h5:
+            what = f"{store.uri}{entry['file']}"
+            with open_h5(local, what) as h5, h5_errors(what):
                 n = len(h5["ids"])
                 for lo in range(0, n, BLOCK_ROWS):
                     hi = min(n, lo + BLOCK_ROWS)
