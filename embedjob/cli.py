@@ -16,12 +16,20 @@ from embedjob.failures import EmbedjobError, TerminationMessage, write_terminati
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from embedjob.local.runner import run_job
+    from embedjob.local.runner import RunOptions, run_job
     from embedjob.spec import load_job
 
     if args.workers is not None and args.workers < 1:
         raise EmbedjobError("--workers must be at least 1")
-    return run_job(load_job(args.job), args.workers)
+    if args.restart and args.retry_failed:
+        raise EmbedjobError("--restart and --retry-failed exclude each other: choose one")
+    for name in ("stuck_after", "storage_patience"):
+        if getattr(args, name) <= 0:
+            raise EmbedjobError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    options = RunOptions(workers=args.workers, stuck_after=args.stuck_after,
+                         storage_patience=args.storage_patience, restart=args.restart,
+                         retry_failed=args.retry_failed, verify=args.verify)
+    return run_job(load_job(args.job), options)
 
 
 def _cmd_worker(_args: argparse.Namespace) -> int:
@@ -98,37 +106,69 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="embedjob", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def _sub(sub: argparse._SubParsersAction, name: str, text: str,  # type: ignore[type-arg]
+         more: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does (the one-line text, then details)."""
+    return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. {more}"
+                          .strip())
 
-    run = sub.add_parser("run", help="run an EmbeddingJob YAML on this machine")
+
+def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from embedjob.liveness import DEFAULT_STUCK_AFTER
+    from embedjob.local.patience import DEFAULT_OUTAGE_SECONDS
+
+    run = _sub(sub, "run", "run an EmbeddingJob YAML on this machine",
+               "Worker processes instead of pods; stop with Ctrl-C or SIGTERM (progress is "
+               "saved) and run again to resume.")
     run.add_argument("job", help="EmbeddingJob YAML (the file kubectl apply takes)")
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes at once (default: one per GPU, or by CPU cores)")
+    run.add_argument("--restart", action="store_true",
+                     help="delete this output's index, checkpoints and results, and start over")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="after a Failed run: retry its failed shards with a fresh budget")
+    run.add_argument("--verify", action="store_true",
+                     help="re-hash finished shards (sizes and done records are always checked) "
+                          "and re-embed any that are damaged")
+    run.add_argument("--stuck-after", type=float, default=DEFAULT_STUCK_AFTER, metavar="SECONDS",
+                     help="replace a worker whose heartbeat stops for this long (it grows with "
+                          f"the slowest batch seen; default {DEFAULT_STUCK_AFTER:g})")
+    run.add_argument("--storage-patience", type=float, default=DEFAULT_OUTAGE_SECONDS,
+                     metavar="SECONDS", help="ride out a storage outage this long before stopping "
+                                             f"(default {DEFAULT_OUTAGE_SECONDS:g})")
     run.set_defaults(func=_cmd_run)
 
-    worker = sub.add_parser("worker", help="embed one shard (pod entry point; reads EMBEDJOB_*)")
+
+def parser() -> argparse.ArgumentParser:
+    from embedjob import __version__
+
+    p = argparse.ArgumentParser(prog="embedjob", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"embedjob {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+
+    worker = _sub(sub, "worker", "embed one shard (pod entry point; reads EMBEDJOB_*)",
+                  "Started by the operator or `embedjob run`; see docs/architecture.md.")
     worker.set_defaults(func=_cmd_worker)
     for name, func, text in (
         ("index", _as_pod_step(_cmd_index), "validate and shard the input"),
         ("finalize", _as_pod_step(_cmd_finalize), "write manifest.json and the merged file"),
     ):
-        cmd = sub.add_parser(name, help=f"{text} (reads EMBEDJOB_SPEC, or a job file)")
+        cmd = _sub(sub, name, f"{text} (reads EMBEDJOB_SPEC, or a job file)")
         cmd.add_argument("job", nargs="?", help="EmbeddingJob YAML (default: EMBEDJOB_SPEC)")
         cmd.set_defaults(func=func)
 
-    op = sub.add_parser("operator", help="run the Kubernetes operator")
+    op = _sub(sub, "operator", "run the Kubernetes operator")
     op.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeat)")
     op.add_argument("--config", default=os.environ.get("EMBEDJOB_OPERATOR_CONFIG"),
                     help="operator settings file (default: $EMBEDJOB_OPERATOR_CONFIG)")
     op.set_defaults(func=_cmd_operator)
 
-    crd = sub.add_parser("crd", help="print the EmbeddingJob CRD generated from the models")
+    crd = _sub(sub, "crd", "print the EmbeddingJob CRD generated from the models")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_cmd_crd)
 
-    ins = sub.add_parser("inspect", help="summarise a job's output; --verify checks every file")
+    ins = _sub(sub, "inspect", "summarise a job's output; --verify checks every file")
     ins.add_argument("output", help="the job's output.uri")
     ins.add_argument("--verify", action="store_true", help="check sizes, counts and sha256")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")

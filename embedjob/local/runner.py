@@ -1,4 +1,10 @@
-"""``embedjob run job.yaml``: the same job on one machine, worker processes instead of pods."""
+"""``embedjob run job.yaml``: the same job on one machine, worker processes instead of pods.
+
+The runner owns its output (a lease, see :mod:`embedjob.local.lease`), its workers die with
+it (PR_SET_PDEATHSIG), it judges them stuck only from their heartbeat
+(:mod:`embedjob.liveness`), and it rides out a storage outage of minutes
+(:mod:`embedjob.local.patience`) before stopping its workers and saying so in one line.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedjob import layout
@@ -19,24 +25,46 @@ from embedjob.failures import (
     EmbedjobError,
     Failure,
     FailureType,
+    StorageError,
     TerminationMessage,
+    TransientStorageError,
     classify_exit,
 )
+from embedjob.liveness import DEFAULT_STUCK_AFTER, Beat, beat_interval, verdict
+from embedjob.local.lease import Lease, OutputInUse
+from embedjob.local.patience import DEFAULT_OUTAGE_SECONDS, Patience
+from embedjob.local.procs import die_with_parent, stop_all
+from embedjob.local.restart import discard, plan_restore, previous_status
 from embedjob.local.scheduler import Outcome, Shard, finish, ready, start, status_of
-from embedjob.local.view import View
+from embedjob.local.view import View, plural
 from embedjob.logs import log
 from embedjob.policy import worker_env
 from embedjob.repair import check_and_reset
 from embedjob.spec import EmbeddingJob, Phase, ShardState, dump_spec
 from embedjob.store import Store, open_store
+from embedjob.worker.failpoints import Failpoints
 from embedjob.worker.index import run_index
 
 POLL_SECONDS = 0.2
 PROGRESS_SECONDS = 2.0
-STUCK_INTERVALS = 3
-"""A worker whose progress.json has not moved for this many checkpoint intervals is stuck."""
-LOAD_GRACE_SECONDS = 900.0
-"""How long a worker may take before its first heartbeat (downloading and loading a 15B model)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workers: int | None = None
+    stuck_after: float = DEFAULT_STUCK_AFTER
+    storage_patience: float = DEFAULT_OUTAGE_SECONDS
+    restart: bool = False
+    retry_failed: bool = False
+    verify: bool = False  # finished shards: checksums too, not only sizes and done records
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM outside the worker loop (indexing, finalizing): leave at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def default_workers(shards: int) -> tuple[int, int, int]:
@@ -59,32 +87,54 @@ class Running:
     termination_log: Path
     committed_before: int
     slot: int
-    started: float
-    heartbeat: str = ""
-    heartbeat_at: float = 0.0
-    stuck: bool = False
-
-    def stalled(self, now: float, interval: float) -> bool:
-        """No heartbeat yet after the load grace, or none for STUCK_INTERVALS intervals."""
-        if not self.heartbeat_at:
-            return now - self.started > LOAD_GRACE_SECONDS
-        return now - self.heartbeat_at > STUCK_INTERVALS * interval
+    beat: Beat = field(default_factory=Beat)
+    beat_value: object = None
+    stuck: str = ""
+    """Why the runner judged it stuck and killed it (empty: not stuck)."""
 
 
 class LocalRun:
-    def __init__(self, job: EmbeddingJob, workers: int | None, view: View) -> None:
-        self.job, self.spec, self.view = job, job.spec, view
+    def __init__(self, job: EmbeddingJob, options: RunOptions, view: View) -> None:
+        self.job, self.spec, self.view, self.options = job, job.spec, view, options
         self.store: Store = open_store(self.spec.output.uri, self.spec.storage)
-        self.requested_workers = workers
         self.running: dict[int, Running] = {}
         self.stopping = False
+        self.stop_signal = signal.SIGINT
+        self.step = "starting"
+        self.patience = Patience(options.storage_patience)
+        self.gave_up = ""
+        self.beat_interval = beat_interval(self.store.uri)
+        self.lease = Lease(self.store)
         self.tmp = Path(tempfile.mkdtemp(prefix="embedjob-run-"))
 
     # --- lifecycle
     def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            self.step = "taking the lease on the output"
+            self.lease.acquire()
+            return self._run()
+        except Interrupted as stop:
+            self.view.stop()
+            print(f"embedjob: interrupted while {self.step}; nothing is lost: run again to "
+                  "continue", file=sys.stderr)
+            return 128 + stop.signum
+        finally:
+            stop_all([r.proc for r in self.running.values()],
+                     self.spec.checkpoint.shutdown_deadline_seconds + 10)
+            self.lease.release()
+
+    def _run(self) -> int:
         name = self.job.metadata.name
+        if self.options.restart:
+            self.step = "discarding the earlier run"
+            self.view.message(discard(self.store))
+        self.step = "indexing the input"
+        Failpoints.from_env(-1, -1).at("stage", "indexing")  # tests: a slow index
         summary = run_index(self.spec, self.store, job_name=name)
-        for line in check_and_reset(self.store, summary.shards):
+        self.step = "checking the output"
+        for line in check_and_reset(self.store, summary.shards, verify=self.options.verify):
             self.view.message(line)  # a damaged shard is embedded again, not called complete
         if self.store.exists(layout.MANIFEST):
             from embedjob.worker.finalize import finalize
@@ -95,46 +145,40 @@ class LocalRun:
         shards = self._restore([Shard(k, total=n) for k, n in enumerate(summary.shard_sequences)])
         cap = min(len(shards), self.spec.effective_parallelism)
         workers, gpus, threads = default_workers(cap)
-        workers = min(self.requested_workers or workers, cap)
+        workers = min(self.options.workers or workers, cap)
         self.view.start(name, shards, workers)
-        signal.signal(signal.SIGINT, self._interrupt)
-        signal.signal(signal.SIGTERM, self._interrupt)
+        self.step = "embedding"
         try:
             phase, message = self._loop(shards, workers, gpus, threads)
         finally:
+            self.step = "stopping the workers"
             self.view.update(shards)  # the last frame shows the final state
             self.view.stop()
+        if self.gave_up:
+            raise TransientStorageError(self.gave_up) if "storage" in self.gave_up else (
+                OutputInUse(self.gave_up))
         if phase == Phase.running:  # all shards finished: write the outputs
-            self._write_status(shards, Phase.merging, "writing the manifest")
+            self.step = "writing the manifest"
+            self._save_status(shards, Phase.merging, "writing the manifest")
             from embedjob.worker.finalize import finalize
 
             manifest = finalize(self.spec, name)
-            phase, message = Phase.succeeded, f"{manifest['sequences']} sequences embedded"
-        self._write_status(shards, phase, message)
-        self.view.message(f"{phase.value}: {message} — output: {self.store.uri}")
+            phase = Phase.succeeded
+            message = f"{plural(manifest['sequences'], 'sequence')} embedded"
+        self._save_status(shards, phase, message)
+        self.view.message(f"{phase.value.lower()}: {message} — output: {self.store.uri}")
         if phase == Phase.succeeded:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.view.message(f"worker logs: {self.tmp}")
-        return {Phase.succeeded: 0, Phase.suspended: 130}.get(phase, 1)
+            return 0
+        self.view.message(f"worker logs: {self.tmp}")
+        return 128 + self.stop_signal if phase == Phase.suspended else 1
 
     def _restore(self, shards: list[Shard]) -> list[Shard]:
-        """Continue attempt numbers from an earlier run, so part names never collide."""
+        """Done shards, and attempt numbers and budgets carried over from an earlier run."""
         for s in shards:
             if self.store.exists(layout.shard_done(s.index)):
                 s.state, s.done = ShardState.succeeded, s.total
-        if not self.store.exists(layout.STATUS):
-            return shards
-        try:
-            previous = json.loads(self.store.read_bytes(layout.STATUS))
-        except (ValueError, EmbedjobError):
-            return shards
-        for entry in previous.get("manifest", []):
-            k = entry.get("shard")
-            if isinstance(k, int) and 0 <= k < len(shards):
-                s = shards[k]
-                s.history = replace(s.history, attempts=int(entry.get("attempt", 0)) + 1)
-        return shards
+        return plan_restore(shards, previous_status(self.store), self.options.retry_failed)
 
     def _loop(
         self, shards: list[Shard], workers: int, gpus: int, threads: int
@@ -145,19 +189,20 @@ class LocalRun:
             self._reap(shards, now)
             if self.stopping:
                 if not self.running:
-                    return Phase.suspended, "interrupted; run again to resume"
+                    return Phase.suspended, self.gave_up or "interrupted; run again to resume"
             elif any(s.state == ShardState.failed for s in shards):
                 if not self.running:
                     failed = next(s for s in shards if s.state == ShardState.failed)
                     return Phase.failed, f"shard {failed.index} failed: {failed.reason}"
             else:
-                for shard in ready(shards, now, workers - len(self.running)):
-                    self._launch(shard, gpus, threads)
+                if self.patience.since is None:  # no new workers while the store is away
+                    for shard in ready(shards, now, workers - len(self.running)):
+                        self._launch(shard, gpus, threads)
                 if all(s.state == ShardState.succeeded for s in shards):
                     return Phase.running, ""
             if now - last_progress >= PROGRESS_SECONDS:
                 self._read_progress()
-                self._write_status(shards, Phase.running)
+                self._status_tick(shards)
                 self.view.update(shards)
                 last_progress = now
             time.sleep(POLL_SECONDS)
@@ -175,6 +220,7 @@ class LocalRun:
             "EMBEDJOB_SHARD": str(shard.index),
             "EMBEDJOB_ATTEMPT": str(attempt),
             "EMBEDJOB_TERMINATION_LOG": str(tlog),
+            "EMBEDJOB_HEARTBEAT_SECONDS": str(self.beat_interval),
             "OMP_NUM_THREADS": str(threads),
             **worker_env(shard.history),
         }
@@ -184,10 +230,13 @@ class LocalRun:
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedjob.cli", "worker"], env=env,
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent(),  # only prctl: nothing that takes a lock
         )
         log_file.close()
+        now = time.time()
         self.running[shard.index] = Running(shard, proc, attempt, tlog, shard.done, slot,
-                                            started=time.time())
+                                            beat=Beat(seen_at=now, stage_since=now))
+        shard.in_flight, shard.rate, shard.stage = 0, 0.0, "starting"
         self.view.event(f"shard {shard.index}: attempt {attempt} started")
 
     def _reap(self, shards: list[Shard], now: float) -> None:
@@ -197,35 +246,54 @@ class LocalRun:
                 continue
             del self.running[index]
             self._read_progress_of(run.shard)
-            failure = None
-            if code != 0 and self.store.exists(layout.shard_done(index)):
+            run.shard.in_flight, run.shard.rate, run.shard.stage = 0, 0.0, ""
+            if code != 0 and self._exists(layout.shard_done(index)):
                 code = 0  # it published the shard, then a signal cut its exit short
-            if code == 0:
-                pass
-            elif run.stuck:
-                interval = self.spec.checkpoint.every_seconds
-                failure = Failure(FailureType.stuck,
-                                  f"no progress for {STUCK_INTERVALS} checkpoint intervals "
-                                  f"({STUCK_INTERVALS * interval:.0f}s); worker replaced")
-            elif code != 0:
-                text = run.termination_log.read_text() if run.termination_log.exists() else ""
-                message = TerminationMessage.from_json(text)
-                failure = classify_exit(code, message)
-                if message is None:
-                    failure = replace(failure, message=self._log_tail(run))
-                else:
-                    run.shard.done = max(run.shard.done, message.committed)
+            failure = self._failure(run, code)
             progressed = run.shard.done > run.committed_before
             if self.stopping and failure is not None:
                 run.shard.state = ShardState.pending
+                continue
+            if self._outage_spares(run.shard, failure, now):
                 continue
             outcome, reason = finish(self.spec, run.shard, failure, progressed, now)
             if outcome is Outcome.succeeded:
                 self.view.event(f"shard {index}: done")
             else:
                 kind = failure.type.value if failure else ""
-                self.view.event(f"shard {index}: {kind} — {outcome.value}: {reason}")
+                self.view.event(f"shard {index}: {kind.replace('_', ' ')} — {outcome.value}: "
+                                f"{reason}")
                 log("shard.failure", shard=index, type=kind, decision=outcome.value, reason=reason)
+
+    def _failure(self, run: Running, code: int) -> Failure | None:
+        if code == 0:
+            return None
+        if run.stuck:
+            return Failure(FailureType.stuck, f"{run.stuck}; worker replaced")
+        text = run.termination_log.read_text() if run.termination_log.exists() else ""
+        message = TerminationMessage.from_json(text)
+        failure = classify_exit(code, message)
+        if message is None:
+            return replace(failure, message=self._log_tail(run))
+        run.shard.done = max(run.shard.done, message.committed)
+        return failure
+
+    def _outage_spares(self, shard: Shard, failure: Failure | None, now: float) -> bool:
+        """A worker's storage failure while the runner sees the store down itself is the
+        outage's, not the shard's: wait for the store, spend no retry budget."""
+        if failure is None or failure.type != FailureType.storage_error or not failure.transient:
+            return False
+        if self.patience.since is None:
+            return False
+        shard.state, shard.not_before = ShardState.backoff, self.patience.next_try
+        self.view.event(f"shard {shard.index}: waiting for the storage to come back")
+        return True
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return self.store.exists(key)
+        except StorageError:
+            return False
 
     def _log_tail(self, run: Running) -> str:
         path = self.tmp / f"{run.shard.index:05d}-{run.attempt}.log"
@@ -233,34 +301,104 @@ class LocalRun:
         last = lines[-1] if lines else ""
         return f"worker exited with code {run.proc.returncode}: {last[-300:]}"
 
-    def _interrupt(self, signum: int, _frame: object) -> None:
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.step != "embedding":
+            raise Interrupted(signum)
         if self.stopping:
             return
+        self.stop_signal = signum
+        self._stop_workers("stopping: workers are saving their progress")
+
+    def _stop_workers(self, why: str) -> None:
         self.stopping = True
-        self.view.event("stopping: workers are saving their progress")
+        self.view.event(why)
         for run in self.running.values():
             run.proc.send_signal(signal.SIGTERM)
 
-    # --- progress and status
-    def _read_progress_of(self, shard: Shard) -> dict[str, object] | None:
+    # --- progress, liveness and status
+    def _read_progress_of(self, shard: Shard) -> None:
         try:
             doc = json.loads(self.store.read_bytes(layout.shard_progress(shard.index)))
+            shard.done = max(shard.done, int(doc.get("done", shard.done)))
+        except (EmbedjobError, ValueError, TypeError):
+            return
+
+    def _read_heartbeat(self, run: Running, now: float) -> None:
+        try:
+            doc = json.loads(self.store.read_bytes(layout.shard_heartbeat(run.shard.index)))
         except (EmbedjobError, ValueError):
-            return None
-        shard.done, shard.rate = int(doc.get("done", shard.done)), float(doc.get("rate", 0.0))
-        return doc
+            return
+        if not isinstance(doc, dict) or doc.get("attempt") != run.attempt:
+            return  # an earlier attempt's beat says nothing about this one
+        beat = run.beat
+        if doc.get("beat") != run.beat_value:
+            run.beat_value, beat = doc.get("beat"), replace(beat, seen_at=now)
+        stage = str(doc.get("stage", beat.stage))
+        if stage != beat.stage:
+            beat = replace(beat, stage=stage, stage_since=now)
+        run.beat = replace(beat, slowest_pass=float(doc.get("slowestPass") or 0.0))
+        s = run.shard
+        embedded = int(doc.get("committedAtStart") or 0) + int(doc.get("embedded") or 0)
+        s.in_flight = max(0, embedded - s.done)
+        s.rate, s.stage = float(doc.get("rate") or 0.0), stage
+        s.resumed_at = int(doc.get("committedAtStart") or 0)
 
     def _read_progress(self) -> None:
         now = time.time()
         for run in self.running.values():
-            doc = self._read_progress_of(run.shard)
-            beat = f"{doc.get('updated')}/{doc.get('done')}" if doc else ""
-            if doc and doc.get("attempt") == run.attempt and beat != run.heartbeat:
-                run.heartbeat, run.heartbeat_at = beat, now
-            if not run.stuck and run.stalled(now, self.spec.checkpoint.every_seconds):
-                run.stuck = True
-                self.view.event(f"shard {run.shard.index}: stuck, replacing the worker")
+            self._read_progress_of(run.shard)
+            self._read_heartbeat(run, now)
+            if run.stuck:
+                continue
+            judged = verdict(run.beat, now, stuck_after=self.options.stuck_after,
+                             beat_interval=self.beat_interval)
+            if judged.stuck:
+                run.stuck = judged.reason
+                self.view.event(f"shard {run.shard.index}: stuck ({judged.reason}); "
+                                "replacing the worker")
                 run.proc.kill()
+
+    def _status_tick(self, shards: list[Shard]) -> None:
+        """Save status.json and renew the lease; ride out a storage outage meanwhile."""
+        now = time.monotonic()
+        if self.gave_up or not self.patience.due(now):
+            return
+        try:
+            self._write_status(shards, Phase.running)
+            self.lease.renew_if_due()
+        except OutputInUse as err:
+            self.gave_up = f"lost the output to another run: {err.message}"
+            self._stop_workers(self.gave_up)
+            return
+        except StorageError as err:
+            give_up, line = self.patience.failed(now, err.message)
+            self.view.event(line)
+            if give_up:
+                self.gave_up = line
+                self._stop_workers(line)
+            return
+        back = self.patience.succeeded(now)
+        if back:
+            self.view.event(back)
+
+    def _save_status(self, shards: list[Shard], phase: Phase, message: str = "") -> None:
+        """A status write that must land (the final phase): wait out an outage, within
+        patience."""
+        while True:
+            now = time.monotonic()
+            try:
+                self._write_status(shards, phase, message)
+            except StorageError as err:
+                give_up, line = self.patience.failed(now, err.message)
+                self.view.message(line)
+                if give_up:
+                    raise TransientStorageError(line) from None
+                time.sleep(max(0.0, self.patience.next_try - time.monotonic()))
+                continue
+            back = self.patience.succeeded(now)
+            if back:
+                self.view.message(back)
+            return
 
     def _write_status(self, shards: list[Shard], phase: Phase, message: str = "") -> None:
         status = status_of(shards, phase, message)
@@ -268,5 +406,5 @@ class LocalRun:
         self.store.write_bytes(layout.STATUS, json.dumps(data, indent=1).encode())
 
 
-def run_job(job: EmbeddingJob, workers: int | None = None) -> int:
-    return LocalRun(job, workers, View.for_terminal()).run()
+def run_job(job: EmbeddingJob, options: RunOptions | None = None) -> int:
+    return LocalRun(job, options or RunOptions(), View.for_terminal()).run()

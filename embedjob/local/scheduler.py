@@ -42,6 +42,12 @@ class Shard:
     not_before: float = 0.0
     last_failure: LastFailure | None = None
     reason: str = ""
+    in_flight: int = 0
+    """Embedded by the running attempt but not committed yet (from its heartbeat)."""
+    stage: str = ""
+    """The running attempt's stage: starting, loading, resuming, embedding, publishing."""
+    resumed_at: int = 0
+    """Sequences already committed when the running attempt started (its resume position)."""
 
     @property
     def attempt(self) -> int:
@@ -96,7 +102,8 @@ def progress_of(shards: list[Shard]) -> Progress:
     total = sum(s.total for s in shards)
     done = sum(s.done for s in shards)
     rate = sum(s.rate for s in shards if s.state == ShardState.running)
-    eta = (total - done) / rate if rate > 0 else None
+    left = max(0, total - done - sum(s.in_flight for s in shards))
+    eta = left / rate if rate > 0 else None
     return Progress(
         done=done, total=total, percent=round(100.0 * done / total, 2) if total else 0.0,
         rate=round(rate, 2), eta_seconds=round(eta, 1) if eta is not None else None, eta=_eta(eta),

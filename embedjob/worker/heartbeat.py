@@ -67,7 +67,9 @@ class Heartbeat:
 
     def set_stage(self, stage: str) -> None:
         with self._lock:
-            self.stage, self.beats, self._last_pass = stage, self.beats + 1, None
+            if stage != self.stage:  # pass times are measured within one stage only
+                self._last_pass = None
+            self.stage, self.beats = stage, self.beats + 1
 
     def embedding(self, committed: int) -> None:
         """A pass over the shard starts: count what was committed before it."""

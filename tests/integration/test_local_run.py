@@ -137,7 +137,7 @@ def test_nan_at_half_precision_is_retried_at_a_safer_one(fasta: Path, tmp_path: 
 def test_a_stuck_worker_is_replaced(fasta: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     spec = small_spec(fasta, out, shards=1, checkpoint={"everySeconds": 1})
-    result = run_cli("run", str(write_job(tmp_path, spec)),
+    result = run_cli("run", str(write_job(tmp_path, spec)), "--stuck-after", "3",
                      env={"EMBEDJOB_FAILPOINTS": "stall:batch=2,attempt=0,seconds=600"})
     assert result.returncode == 0, result.stderr
     assert "stuck" in result.stderr
