@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from embedjob.failures import ConfigError
+from embedjob.failures import ConfigError, InputError
 from embedjob.spec import Alphabet as AlphabetName
 from embedjob.spec import EmbeddingJobSpec
 
@@ -61,6 +61,26 @@ DNA = Alphabet(
 
 _BY_NAME = {PROTEIN.name: PROTEIN, DNA.name: DNA}
 _DNA_MODELS = frozenset({"dnabert-s", "zhihan1996/dnabert-s"})
+
+
+DNA_SHARE = 0.9
+"""Protein residues are about a quarter A/C/G/T/N; an input this much A/C/G/T/N is DNA."""
+MIN_RESIDUES_TO_JUDGE = 50
+
+
+def check_fits(spec: EmbeddingJobSpec, alphabet: Alphabet, nucleotides: int,
+               residues: int) -> None:
+    """Refuse DNA given to a protein model (it would embed silently as a protein made of
+    Ala/Cys/Gly/Thr/Asn) unless ``input.alphabet: protein`` says it is meant."""
+    if alphabet is not PROTEIN or spec.input.alphabet is not None:
+        return
+    if residues < MIN_RESIDUES_TO_JUDGE or nucleotides < DNA_SHARE * residues:
+        return
+    raise InputError(
+        f"the input looks like DNA ({100 * nucleotides / residues:.0f}% of residues are "
+        f"A/C/G/T/N) but {spec.model.name} reads proteins: use a DNA model (dnabert-s), "
+        "translate the input, or set input.alphabet: protein to embed it as protein anyway"
+    )
 
 
 def by_name(name: str) -> Alphabet:

@@ -7,6 +7,8 @@ MANIFEST = "manifest.json"
 MERGED = "embeddings.h5"
 STATUS = "status.json"
 QUARANTINE = "quarantine.json"
+TRUNCATED = "index/truncated.json"
+"""Ids of the sequences longer than model.maxResidues that are embedded truncated."""
 
 
 def shard_dir(shard: int) -> str:

@@ -38,6 +38,7 @@ class IndexSummary:
     window_overlap: int = 0
     dtype: str = "float32"
     weights: str = ""  # what the weights are (embedjob.weights_id); "" in older indexes
+    truncated: int = 0  # sequences longer than max_residues, embedded truncated (ids: TRUNCATED)
     version: int = SUMMARY_VERSION
 
     def settings(self) -> dict[str, Any]:

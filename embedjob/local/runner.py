@@ -36,7 +36,7 @@ from embedjob.local.patience import DEFAULT_OUTAGE_SECONDS, Patience
 from embedjob.local.procs import die_with_parent, stop_all
 from embedjob.local.restart import discard, plan_restore, previous_status
 from embedjob.local.scheduler import Outcome, Shard, finish, ready, start, status_of
-from embedjob.local.view import View, plural
+from embedjob.local.view import View, index_notes, plural
 from embedjob.logs import log
 from embedjob.policy import worker_env
 from embedjob.repair import check_and_reset
@@ -133,6 +133,8 @@ class LocalRun:
         self.step = "indexing the input"
         Failpoints.from_env(-1, -1).at("stage", "indexing")  # tests: a slow index
         summary = run_index(self.spec, self.store, job_name=name)
+        for note in index_notes(summary, self.store.uri):
+            self.view.message(note)
         self.step = "checking the output"
         for line in check_and_reset(self.store, summary.shards, verify=self.options.verify):
             self.view.message(line)  # a damaged shard is embedded again, not called complete
@@ -221,7 +223,8 @@ class LocalRun:
             "EMBEDJOB_ATTEMPT": str(attempt),
             "EMBEDJOB_TERMINATION_LOG": str(tlog),
             "EMBEDJOB_HEARTBEAT_SECONDS": str(self.beat_interval),
-            "OMP_NUM_THREADS": str(threads),
+            # A user's own OMP_NUM_THREADS wins over the runner's split of the cores.
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
             **worker_env(shard.history),
         }
         if gpus:

@@ -12,10 +12,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from embedjob import layout
 from embedjob.local.patience import duration
 from embedjob.local.scheduler import Shard, progress_of
 from embedjob.logs import log
 from embedjob.spec import ShardState
+from embedjob.summary import IndexSummary
 
 LOG_EVERY_SECONDS = 10.0
 MAX_ROWS = 20
@@ -32,6 +34,20 @@ _STYLE = {
 def plural(count: int, noun: str) -> str:
     """'1 sequence', '2 sequences'."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def index_notes(summary: IndexSummary, uri: str) -> list[str]:
+    """What the index decided that the spec did not say: fewer shards, truncation."""
+    notes = []
+    if summary.requested_shards > summary.shards:
+        notes.append(f"shards: {summary.requested_shards} requested, but the input has "
+                     f"{plural(summary.sequences, 'sequence')}: running "
+                     f"{plural(summary.shards, 'shard')}")
+    if summary.truncated:
+        notes.append(f"{plural(summary.truncated, 'sequence')} longer than model.maxResidues "
+                     f"({summary.max_residues}) will be embedded truncated (ids in "
+                     f"{uri}{layout.TRUNCATED}; longSequences: window embeds them whole)")
+    return notes
 
 
 class Counter:

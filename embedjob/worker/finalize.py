@@ -28,6 +28,7 @@ from embedjob.summary import load_summary
 from embedjob.worker.assemble import BLOCK_ROWS, sha256_file
 
 MANIFEST_VERSION = 1
+MAX_LISTED_TRUNCATED = 1000
 
 
 def shard_manifests(store: Store, shards: int) -> list[dict[str, Any]]:
@@ -76,6 +77,8 @@ def build_manifest(spec: EmbeddingJobSpec, summary: Any, shards: list[dict[str, 
         "weightsSource": spec.model.weights,
         "sequences": sum(s["count"] for s in shards),
         "quarantined": [i for s in shards for i in s.get("quarantined", [])],
+        "truncated": {"count": summary.truncated, "maxResidues": spec.model.max_residues,
+                      "file": layout.TRUNCATED if summary.truncated else None, "ids": []},
         "merged": layout.MERGED if spec.output.merge else None,
         "shards": [
             {"shard": s["shard"], "file": layout.shard_output(s["shard"]), "count": s["count"],
@@ -139,6 +142,9 @@ def finalize(spec: EmbeddingJobSpec, job: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="embedjob-finalize-") as tmp:
         attrs = _first_attrs(store, Path(tmp))
         manifest = build_manifest(spec, summary, shards, attrs, job)
+        if summary.truncated:  # the first ids inline; all of them in index/truncated.json
+            ids = json.loads(store.read_bytes(layout.TRUNCATED))
+            manifest["truncated"]["ids"] = ids[:MAX_LISTED_TRUNCATED]
         if spec.output.merge:
             manifest["mergedSha256"] = merge_shards(store, manifest, attrs, Path(tmp))
     store.write_bytes(layout.MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import logging
 import tempfile
 from array import array
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from embedjob import layout
-from embedjob.alphabets import Alphabet, alphabet_for
+from embedjob.alphabets import Alphabet, alphabet_for, check_fits
 from embedjob.failures import ConfigError, InputError
 from embedjob.spec import EmbeddingJobSpec, StorageSpec
 from embedjob.store import ObjectNotFound, Store, open_uri
@@ -120,6 +121,11 @@ class _Scan:
     lengths: array  # uint32 per sequence
     id_hashes: array  # int64 per sequence
     fingerprint: str
+    nucleotides: int = 0  # residues that are A/C/G/T/N/U (DNA given to a protein model?)
+    truncated: list[str] | None = None  # ids longer than maxResidues, when truncating
+
+
+_NOT_NUCLEOTIDE = str.maketrans("", "", "ACGTNU")
 
 
 def _records(uris: Sequence[str], storage: StorageSpec, alphabet: Alphabet) -> Iterator[Record]:
@@ -140,14 +146,20 @@ def _digest_update(digest: Any, record: Record) -> None:
     digest.update(record.id.encode() + b"\n" + record.seq.encode() + b"\n")
 
 
-def _scan(uris: Sequence[str], storage: StorageSpec, alphabet: Alphabet) -> _Scan:
+def _scan(uris: Sequence[str], storage: StorageSpec, alphabet: Alphabet,
+          truncate_above: int | None = None) -> _Scan:
     lengths, hashes = array("I"), array("q")
     digest = hashlib.sha256()
+    nucleotides, truncated = 0, []
     for record in _records(uris, storage, alphabet):
-        lengths.append(len(record.seq))
+        n = len(record.seq)
+        lengths.append(n)
         hashes.append(hash(record.id))  # within this process only: a duplicate pre-filter
         _digest_update(digest, record)
-    return _Scan(lengths, hashes, f"sha256:{digest.hexdigest()}")
+        nucleotides += n - len(record.seq.translate(_NOT_NUCLEOTIDE))
+        if truncate_above is not None and n > truncate_above:
+            truncated.append(record.id)
+    return _Scan(lengths, hashes, f"sha256:{digest.hexdigest()}", nucleotides, truncated)
 
 
 def _check_duplicates(scan: _Scan, uris: Sequence[str], storage: StorageSpec,
@@ -311,6 +323,7 @@ def _summarise(spec: EmbeddingJobSpec, alphabet: Alphabet, scan: _Scan,
         window_overlap=spec.model.window_overlap if spec.model.long_sequences == "window" else 0,
         dtype=spec.output.dtype,
         weights=weights,
+        truncated=len(scan.truncated or ()),
     )
 
 
@@ -327,8 +340,11 @@ def run_index(spec: EmbeddingJobSpec, out: Store, *, job_name: str = "") -> Inde
     if existing is not None:  # refuse a different model at once, before reading any input
         _check_existing(out, existing, wanted, None)
     log.info("index %s: reading %s", job_name or out.uri, ", ".join(uris))
-    scan = _scan(uris, spec.storage, alphabet)
+    model = spec.model
+    scan = _scan(uris, spec.storage, alphabet,
+                 model.max_residues if model.long_sequences == "truncate" else None)
     _check_duplicates(scan, uris, spec.storage, alphabet)
+    check_fits(spec, alphabet, scan.nucleotides, sum(scan.lengths))
     if existing is not None:
         log.info("index %s: already done (%d shards)", job_name or out.uri, existing.shards)
         return _check_existing(out, existing, wanted, scan.fingerprint)
@@ -342,6 +358,8 @@ def run_index(spec: EmbeddingJobSpec, out: Store, *, job_name: str = "") -> Inde
     )
     summary = _summarise(spec, alphabet, scan, assignment, wanted["weights"])
     _write_shards(uris, spec.storage, alphabet, assignment, summary.shards, scan.fingerprint, out)
+    if scan.truncated:  # before the summary: the summary's presence means the index is whole
+        out.write_bytes(layout.TRUNCATED, json.dumps(scan.truncated).encode())
     if not out.create_bytes(layout.SUMMARY, summary.to_json()):
         # A concurrent index run (a restarted operator's second pod) finished first.
         other = load_summary(out)

@@ -122,3 +122,38 @@ def test_progress_line_counts_committed_and_in_flight_apart() -> None:
     assert line.startswith("13 committed + 4 in flight of 20 sequences (65.0%) · 2.0/s")
     assert "ETA 2s" in line and "resumed at 13" in line
     assert plural(1, "worker") == "1 worker" and plural(2, "worker") == "2 workers"
+
+
+def test_the_index_notes_fewer_shards_and_truncation() -> None:
+    from embedjob.local.view import index_notes
+    from embedjob.summary import IndexSummary
+
+    summary = IndexSummary(shards=3, sequences=3, residues=900, fingerprint="sha256:x",
+                           model="esm2_t6_8M_UR50D", alphabet="protein", inputs=("a.fa",),
+                           shard_sequences=(1, 1, 1), shard_residues=(300, 300, 300),
+                           max_length=400, requested_shards=10, max_residues=300, truncated=1)
+    assert index_notes(summary, "file:///o/") == [
+        "shards: 10 requested, but the input has 3 sequences: running 3 shards",
+        "1 sequence longer than model.maxResidues (300) will be embedded truncated (ids in "
+        "file:///o/index/truncated.json; longSequences: window embeds them whole)",
+    ]
+
+
+def test_the_live_view_puts_the_bar_and_the_table_header_on_separate_lines() -> None:
+    import io
+
+    from rich.console import Console
+
+    from embedjob.local.view import LiveView
+
+    view = LiveView()
+    view.console = Console(file=io.StringIO(), width=120, color_system=None)
+    view.job = "demo"
+    shards = _shards(2)
+    shards[0].state, shards[0].done = ShardState.succeeded, 10
+    view.console.print(view._render(shards))
+    lines = view.console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    bar = next(i for i, ln in enumerate(lines) if "shards done" in ln)
+    assert "1/2 shards done" in lines[bar] and "shard" not in lines[bar].replace("shards", "")
+    assert lines[bar + 1].split()[:3] == ["shard", "state", "attempt"]
+    assert lines[0].startswith("demo: 10 committed + 0 in flight of 20 sequences (50.0%)")
