@@ -29,14 +29,29 @@ sys.path.insert(0, str(REPO))
 from embedjob.spec import ModelSpec  # noqa: E402
 from embedjob.worker.batching import make_batches  # noqa: E402
 from embedjob.worker.models import Embedder, load_embedder  # noqa: E402
-from embedjob.worker.models.registry import esm2_arch  # noqa: E402
+from embedjob.worker.models.registry import Esm2Arch, esm2_arch  # noqa: E402
 from embedjob.worker.models.testing import write_random_esm2_checkpoint  # noqa: E402
 
-PEAK_TFLOPS = {
-    "H100": {"bf16": 989, "fp16": 989, "fp32": 67},
+PEAK_TFLOPS = {  # dense (no sparsity) tensor-core peaks from NVIDIA's data sheets
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "fp32": 51},
+    "H100 NVL": {"bf16": 835, "fp16": 835, "fp32": 60},
+    "H100": {"bf16": 989, "fp16": 989, "fp32": 67},  # SXM
     "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
+    "GH200": {"bf16": 989, "fp16": 989, "fp32": 67},
     "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5},
+    "L40S": {"bf16": 362, "fp16": 362, "fp32": 91.6},
+    "L4": {"bf16": 121, "fp16": 121, "fp32": 30.3},
+    "A10G": {"bf16": 125, "fp16": 125, "fp32": 31.2},  # the A10's figures
+    "A10": {"bf16": 125, "fp16": 125, "fp32": 31.2},
 }
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Dense peak of a GPU named like torch.cuda.get_device_name(); longest key first."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key][precision]
+    return None
 
 
 REF, OURS = "fair-esm fp32", "ours fp32"
@@ -73,8 +88,32 @@ def reference_runner(path: Path, name: str, device: str) -> Callable[[list[str]]
     data = torch.load(path, map_location="cpu", weights_only=False)  # our own file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, alphabet = esm.pretrained.load_model_and_alphabet_core(name, data)
-    model = model.eval().to(device)
+        model, _alphabet = esm.pretrained.load_model_and_alphabet_core(name, data)
+    return fair_esm_runner(model.eval().to(device), device)
+
+
+def fair_esm_from_data(data: dict, arch: Esm2Arch) -> torch.nn.Module:
+    """fair-esm's ESM2 holding a checkpoint dict's weights, built on the meta device (no random
+    init: seconds instead of minutes for 3B); the unused contact head gets zeros."""
+    import esm
+
+    prefix = "encoder.sentence_encoder."
+    state = {k.removeprefix(prefix): v for k, v in data["model"].items()}
+    state["contact_head.regression.weight"] = torch.zeros(1, arch.layers * arch.heads)
+    state["contact_head.regression.bias"] = torch.zeros(1)
+    with torch.device("meta"):
+        model = esm.model.esm2.ESM2(num_layers=arch.layers, embed_dim=arch.dim,
+                                    attention_heads=arch.heads)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def fair_esm_runner(model: torch.nn.Module, device: str) -> Callable[[list[str]], np.ndarray]:
+    """fair-esm's extract script on ``model`` (already on ``device``): its batching, its
+    batch converter (truncation at 1022), mean over tokens 1..len of the last layer."""
+    import esm
+
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     layer = model.num_layers
 
     def run(seqs: list[str]) -> np.ndarray:
@@ -122,9 +161,9 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def model_flops(name: str, seqs: list[str]) -> float:
+def model_flops(name: str, seqs: list[str], arch: Esm2Arch | None = None) -> float:
     """2 * params * tokens for the matmuls plus 4 * T^2 * dim per layer for attention."""
-    arch = esm2_arch(name)
+    arch = arch or esm2_arch(name)
     per_token = 2 * arch.layers * 12 * arch.dim**2
     tokens = [min(len(s), 1022) + 2 for s in seqs]
     return sum(per_token * t + 4 * arch.layers * t * t * arch.dim for t in tokens)
@@ -175,7 +214,6 @@ def main() -> None:
     # wall-clock estimate; CPU seconds (median) are a second, load-resistant view.
     base, base_cpu = min(times[REF]), statistics.median(cpu[REF])
     gpu = torch.cuda.get_device_name() if cuda else ""
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     flops = model_flops(args.model, seqs)
     print(
         "\n| side | best wall s | residues/s | ratio (wall) | CPU s | ratio (CPU) "
@@ -188,7 +226,8 @@ def main() -> None:
         mfu = ""
         if cuda:
             prec = key.split()[-1]
-            mfu = f" {flops / t / (peak[prec] * 1e12):.1%} |" if peak else " n/a |"
+            peak = peak_tflops(gpu, prec)
+            mfu = f" {flops / t / (peak * 1e12):.1%} |" if peak else " n/a |"
         print(
             f"| {key} | {t:.2f} | {residues / t:,.0f} | {base / t:.2f}x | {c:.1f} "
             f"| {base_cpu / c:.2f}x | {cos:.7f} |{mfu}"

@@ -204,7 +204,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool =
             out[key] = value
     _bound(out, "exclusiveMinimum", "minimum")
     _bound(out, "exclusiveMaximum", "maximum")
-    if "type" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    untyped = ("x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string")
+    if "type" not in out and not any(out.get(key) for key in untyped):
         raise ValueError(f"schema node without a type cannot be structural: {node}")
     return _ordered(out)
 

@@ -145,6 +145,8 @@ class TerminationMessage:
     batch: int | None = None
     transient: bool = False
     ids: list[str] = field(default_factory=list)
+    batch_tokens: int | None = None
+    """The token budget the attempt ran at (what ``auto`` chose): the OOM policy halves it."""
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v not in (None, [], False)}
@@ -185,6 +187,7 @@ class Failure:
     transient: bool = False
     node: str | None = None
     ids: tuple[str, ...] = ()
+    batch_tokens: int | None = None
 
 
 def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> Failure:
@@ -194,7 +197,8 @@ def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> 
             kind = FailureType(message.type)
         except ValueError:
             kind = FailureType.generic
-        return Failure(kind, message.message, message.transient, ids=tuple(message.ids))
+        return Failure(kind, message.message, message.transient, ids=tuple(message.ids),
+                       batch_tokens=message.batch_tokens)
     if exit_code is not None and exit_code < 0:  # a local process killed by a signal
         exit_code = 128 - exit_code
     kind = _TYPE_BY_EXIT.get(exit_code or EXIT_GENERIC, FailureType.generic)

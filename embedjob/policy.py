@@ -25,6 +25,8 @@ from embedjob.spec import EmbeddingJobSpec
 
 MIN_TOKENS_PER_BATCH = 256
 """Floor of the token budget after OOMs (capped by the spec's own value)."""
+AUTO_FALLBACK_TOKENS = 16384
+"""``maxTokensPerBatch: auto`` when the failed attempt did not report its budget (killed)."""
 MAX_AVOIDED_NODES = 16
 """Anti-affinity lists stay short: a pool with more bad nodes has a different problem."""
 MAX_POISON_STEPS = 8
@@ -183,12 +185,18 @@ def _gave_up(spec: EmbeddingJobSpec, kind: FailureType, failure: Failure) -> str
     return f"{kind.value} {budget} time(s) without progress: {failure.message}".strip()
 
 
-def _tokens(spec: EmbeddingJobSpec, history: ShardHistory) -> int:
-    return history.max_tokens or spec.model.max_tokens_per_batch
+def _tokens(spec: EmbeddingJobSpec, history: ShardHistory, failure: Failure) -> int:
+    """The budget the failed attempt ran at: as it reported it (``auto`` chose it), else the
+    override it was given, else the spec's number (``auto`` unreported: the CPU default)."""
+    configured = spec.model.max_tokens_per_batch
+    fallback = configured if isinstance(configured, int) else AUTO_FALLBACK_TOKENS
+    return failure.batch_tokens or history.max_tokens or fallback
 
 
 def _floor(spec: EmbeddingJobSpec) -> int:
-    return min(MIN_TOKENS_PER_BATCH, spec.model.max_tokens_per_batch)
+    configured = spec.model.max_tokens_per_batch
+    return min(MIN_TOKENS_PER_BATCH, configured) if isinstance(configured, int) else (
+        MIN_TOKENS_PER_BATCH)
 
 
 # --- one handler per failure type ---------------------------------------------------------
@@ -204,7 +212,7 @@ def _preempted(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bo
 
 def _oom(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
     h = _counted(h, f.type, progress)
-    current = _tokens(spec, h)
+    current = _tokens(spec, h, f)
     smaller = max(_floor(spec), current // 2)
     if _over_budget(spec, h, f.type):
         return _fail(h, _gave_up(spec, f.type, f))

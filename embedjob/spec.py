@@ -18,6 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -40,6 +42,16 @@ ESM2_MODELS = (
 RANDOM_WEIGHTS = "random"
 """``model.weights: random`` loads random-initialised weights of the real architecture:
 a smoke test of the whole pipeline without a model download (like vLLM's dummy weights)."""
+
+
+MIN_TOKEN_BUDGET = 64
+TokenBudget = Annotated[
+    int | Literal["auto"],
+    # Kubernetes' int-or-string: minimum applies to numbers, pattern to strings
+    WithJsonSchema({
+        "x-kubernetes-int-or-string": True, "minimum": MIN_TOKEN_BUDGET, "pattern": "^auto$"
+    }),
+]
 
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -116,8 +128,10 @@ class ModelSpec(Model):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU"
     )
-    max_tokens_per_batch: int = Field(
-        16384, ge=64, description="Token budget per batch (padded tokens)"
+    max_tokens_per_batch: TokenBudget = Field(
+        16384,
+        description="Token budget per batch (padded tokens), or 'auto': sized from the GPU's "
+        "free memory and the model at start (on CPU: 16384)",
     )
     long_sequences: Literal["truncate", "window"] = Field(
         "truncate", description="Sequences longer than maxResidues: truncate, or average windows"
@@ -127,6 +141,17 @@ class ModelSpec(Model):
     trust_remote_code: bool = Field(
         False, description="Allow a Hugging Face model's own code (e.g. DNABERT-S)"
     )
+
+    @field_validator("max_tokens_per_batch", mode="plain")
+    @classmethod
+    def _token_budget(cls, value: object) -> int | str:
+        if value == "auto":
+            return "auto"
+        # a quoted number is refused, as the API server refuses it (int-or-string)
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if number is None or number < MIN_TOKEN_BUDGET:
+            raise ValueError(f"use a number of tokens >= {MIN_TOKEN_BUDGET}, or auto")
+        return number
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> ModelSpec:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from embedjob.worker.checkpoint import (
 )
 from embedjob.worker.failpoints import Failpoints
 from embedjob.worker.heartbeat import Heartbeat, Interrupted, Stopper
+from embedjob.worker.models.budget import resolve_tokens_per_batch
 from embedjob.worker.shard_input import ShardInput, load_shard_input
 
 RESUME_ROUNDS = 3
@@ -67,7 +68,7 @@ class WorkerConfig:
 
     @property
     def tokens_per_batch(self) -> int:
-        return self.max_tokens or self.spec.model.max_tokens_per_batch
+        return int(self.max_tokens or self.spec.model.max_tokens_per_batch)  # auto: resolved
 
 
 def _json_list(text: str | None, name: str) -> list[str]:
@@ -155,6 +156,7 @@ class Attempt:
     batch: int | None = None
     batch_ids: list[str] = field(default_factory=list)
     done: int = 0
+    batch_tokens: int | None = None
 
 
 def embed_rows(
@@ -292,6 +294,15 @@ def publish(cfg: WorkerConfig, store: Store, shard_in: ShardInput, embedder: obj
     discard_parts(store, cfg.shard)
 
 
+def _with_budget(cfg: WorkerConfig, embedder: object, attempt: Attempt) -> WorkerConfig:
+    """Resolve the token budget once the model is loaded (``auto`` measures the GPU)."""
+    tokens, how = resolve_tokens_per_batch(cfg.max_tokens, cfg.spec.model.max_tokens_per_batch,
+                                           embedder)
+    log("worker.batch_tokens", tokens=tokens, chosen=how)
+    attempt.batch_tokens = tokens
+    return replace(cfg, max_tokens=tokens)
+
+
 def run_shard(cfg: WorkerConfig, stop: Stopper, attempt: Attempt) -> None:
     from embedjob.worker.models import load_embedder  # torch loads only here
 
@@ -316,6 +327,7 @@ def run_shard(cfg: WorkerConfig, stop: Stopper, attempt: Attempt) -> None:
         shard_in = load_shard_input(store, cfg.shard, alphabet, workdir)
         try:
             embedder = load_embedder(spec.model, precision=cfg.precision, storage=spec.storage)
+            cfg = _with_budget(cfg, embedder, attempt)
             embedder.before_forward = stop.before_forward  # type: ignore[attr-defined]
             for _ in range(RESUME_ROUNDS):
                 if _run_pass(cfg, store, embedder, shard_in, stop, attempt):
@@ -358,6 +370,7 @@ def main(env: Mapping[str, str] | None = None) -> int:
             type=err.failure.value, message=err.message,
             committed=int(err.details.get("committed", 0)), done_this_attempt=attempt.done,
             batch=attempt.batch, transient=getattr(err, "transient", False),
+            batch_tokens=attempt.batch_tokens,
             ids=list(err.details.get("ids", batch_ids)),
         )
         write_termination_message(message)

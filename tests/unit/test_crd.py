@@ -134,7 +134,9 @@ def test_schema_is_structural() -> None:
         assert not {"$ref", "anyOf", "oneOf", "allOf", "title", "const"} & set(node), path
         assert node.get("additionalProperties") is not False, path
         assert not ("properties" in node and "additionalProperties" in node), path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        untyped = node.get("x-kubernetes-preserve-unknown-fields") or node.get(
+            "x-kubernetes-int-or-string")  # int-or-string: Kubernetes wants no type there
+        assert "type" in node or untyped, path
         if "exclusiveMinimum" in node:
             assert node["exclusiveMinimum"] is True and "minimum" in node, path
         if "default" in node:  # a default must itself be valid where it is used
@@ -227,6 +229,7 @@ BAD_SPECS = [
     {"output": {"uri": "out/", "dtype": "bfloat16"}},
     {"checkpoint": {"everySeconds": 0}},
     {"model": {"maxTokensPerBatch": 8}},
+    {"model": {"maxTokensPerBatch": "big"}},
 ]
 
 

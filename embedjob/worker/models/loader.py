@@ -39,11 +39,24 @@ def esm2_from_checkpoint(
 
     Tests pass a reduced-depth ``arch`` (a 1-layer 15B) to exercise the full-width paths.
     """
-    layer = resolve_layer(model.layer, arch.layers) if layer is None else layer
-    source = model.weights or str(path)
     data = load_checkpoint(path)
+    return esm2_from_data(data, arch, model, device, precision, layer=layer,
+                          source=model.weights or str(path))
+
+
+def esm2_from_data(
+    data: dict,
+    arch: Esm2Arch,
+    model: ModelSpec,
+    device: torch.device,
+    precision: str,
+    *,
+    layer: int | None = None,
+    source: str = "checkpoint in memory",
+) -> Esm2Embedder:
+    """An embedder from a loaded fair-esm checkpoint dict (benchmarks skip the disk)."""
+    layer = resolve_layer(model.layer, arch.layers) if layer is None else layer
     encoder = load_esm2_encoder(data, arch, layer, source, device, DTYPES[precision])
-    del data
     return Esm2Embedder(
         encoder,
         name=model.name,

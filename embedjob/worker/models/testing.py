@@ -64,10 +64,8 @@ def random_esm2_state(name: str, *, num_layers: int | None = None, seed: int = 0
     return {"layers": layers, "arch": arch, "state": state}
 
 
-def write_random_esm2_checkpoint(
-    name: str, path: str, *, num_layers: int | None = None, seed: int = 0
-) -> None:
-    """Write a fair-esm-format checkpoint (``{"model", "cfg", "args"}``) to ``path``, atomically."""
+def random_esm2_checkpoint(name: str, *, num_layers: int | None = None, seed: int = 0) -> dict:
+    """A fair-esm-format checkpoint (``{"model", "cfg", "args"}``) in memory."""
     made = random_esm2_state(name, num_layers=num_layers, seed=seed)
     arch = made["arch"]
     cfg = Namespace(
@@ -82,6 +80,14 @@ def write_random_esm2_checkpoint(
         "cfg": {"model": cfg},
         "args": None,
     }
+    return data
+
+
+def write_random_esm2_checkpoint(
+    name: str, path: str, *, num_layers: int | None = None, seed: int = 0
+) -> None:
+    """Write a fair-esm-format checkpoint (``{"model", "cfg", "args"}``) to ``path``, atomically."""
+    data = random_esm2_checkpoint(name, num_layers=num_layers, seed=seed)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
