@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from envtest import ControlPlane, assets_folder, start_control_plane
+from kubelet import Kubelet
 from kubernetes import client, config
 
 from embedjob.spec import API_GROUP
@@ -64,3 +65,14 @@ def namespace(control_plane: ControlPlane, admin_api: client.ApiClient) -> Itera
         yield name
     finally:
         core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def kubelet(control_plane: ControlPlane, admin_api: client.ApiClient,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubelet]:
+    """Two nodes played through the API (tests/kube/kubelet.py); pods run as processes."""
+    node = Kubelet(admin_api, tmp_path_factory.mktemp("kubelet")).start()
+    try:
+        yield node
+    finally:
+        node.stop()
