@@ -82,8 +82,13 @@ class Lease:
             pass  # it expires on its own
 
     def _lock_file(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+        except OSError as err:
+            raise StorageError(f"cannot write to {root / LOCK_FILE}: "
+                               f"{err.strerror or type(err).__name__} — choose a writable "
+                               "output.uri") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
