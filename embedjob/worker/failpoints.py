@@ -11,6 +11,8 @@ inside batches) before that forward pass; both only ``stall`` or ``die``. Action
 - ``nan``: poison the batch's embeddings with NaN (caught by the finiteness check)
 - ``stall``: sleep ``seconds`` (default 3600) before the batch
 - ``die``: exit at once with ``code`` (default 137), as a kill would, skipping every cleanup
+- ``hog``: allocate host memory before the batch, 64 MiB at a time, until a memory limit's
+  OOM killer ends the process (a real OOMKilled on a real node)
 
 Example: ``EMBEDJOB_FAILPOINTS="gpu_oom:batch=2,attempt=0;die:batch=5,attempt=1"``.
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from embedjob.failures import CudaError, GpuOutOfMemory, TransientStorageError
 
-ACTIONS = ("gpu_oom", "cuda_error", "storage_error", "nan", "stall", "die")
+ACTIONS = ("gpu_oom", "cuda_error", "storage_error", "nan", "stall", "die", "hog")
 
 
 @dataclass
@@ -93,12 +95,15 @@ class Failpoints:
                 os._exit(int(p.params.get("code", 137)))
 
     def before_batch(self, batch: int, ids: list[str]) -> None:
-        for p in self._fire(batch, ids, ("stall", "die", "gpu_oom", "cuda_error", "storage_error")):
+        actions = ("stall", "die", "hog", "gpu_oom", "cuda_error", "storage_error")
+        for p in self._fire(batch, ids, actions):
             where = f"failpoint at batch {batch}"
             if p.action == "stall":
                 time.sleep(float(p.params.get("seconds", 3600)))
             elif p.action == "die":
                 os._exit(int(p.params.get("code", 137)))
+            elif p.action == "hog":
+                _hog()
             elif p.action == "gpu_oom":
                 raise GpuOutOfMemory(f"CUDA out of memory ({where})")
             elif p.action == "cuda_error":
@@ -109,3 +114,10 @@ class Failpoints:
     def after_batch(self, batch: int, ids: list[str], embeddings: np.ndarray) -> None:
         if self._fire(batch, ids, ("nan",)):
             embeddings[0, 0] = np.nan
+
+
+def _hog() -> None:
+    """Touch every page so the memory is really charged to the cgroup."""
+    held = []
+    while True:
+        held.append(np.ones(64 << 20, dtype=np.uint8))

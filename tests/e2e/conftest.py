@@ -1,108 +1,112 @@
-"""A real cluster for the end-to-end suite: kind, both images built and loaded, MinIO and
-the chart installed. Skipped, with the reason, wherever kind or a Docker engine is missing.
+"""Fixtures of the end-to-end suite: a real cluster, moto's S3 where pods reach it, and the
+real operator as the chart's ServiceAccount.
 
-Run:  pytest tests/e2e -m e2e        (see tests/e2e/README.md for the knobs)
+Skipped, with the reason, when ``EMBEDJOB_E2E_KUBECONFIG`` is unset; under CI with
+../shared/realnode present, .ci/run starts the node and sets it, and an unset variable fails.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
-from e2e_cluster import (
-    CLUSTER,
-    KEEP,
-    NAMESPACE,
-    OPERATOR_IMAGE,
-    ROOT,
-    WORKER_IMAGE,
-    Cluster,
-    _docker_build,
-    _run,
-    _tool,
-    missing_requirement,
-)
+from e2e_cluster import HOST_IP, KUBECONFIG_ENV, ROOT, WORKER_IMAGE, Cluster, missing_requirement
+from kubernetes import client, config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))
+from operatorkit import AWS_ENV, Jobs, Operator, prepare_namespace
+
+from embedjob.spec import StorageSpec
+from embedjob.store import s3_client
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     e2e = [item for item in items if "e2e" in item.keywords]
-    if not e2e:
+    reason = missing_requirement() if e2e else None
+    if reason is None:
         return
-    reason = missing_requirement()
-    if reason:
-        for item in e2e:
-            item.add_marker(pytest.mark.skip(reason=f"e2e: {reason}"))
+    if os.environ.get("CI") and (ROOT.parent / "shared" / "realnode").is_dir():
+        raise pytest.UsageError(f"e2e under CI: {reason}")
+    for item in e2e:
+        item.add_marker(pytest.mark.skip(reason=f"e2e: {reason}"))
 
 
 @pytest.fixture(scope="session")
-def kind_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    kind = str(_tool("kind"))
-    existing = _run([kind, "get", "clusters"], timeout=60).stdout.split()
-    created = CLUSTER not in existing
-    if created:
-        result = _run([kind, "create", "cluster", "--name", CLUSTER, "--wait", "180s"], timeout=600)
-        assert result.returncode == 0, f"kind create cluster failed: {result.stderr[-2000:]}"
-    kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-    kubeconfig.write_text(_run([kind, "get", "kubeconfig", "--name", CLUSTER], timeout=60).stdout)
+def cluster() -> Cluster:
+    return Cluster(Path(os.environ[KUBECONFIG_ENV]))
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """The generated CRD, applied as docs/install.md says."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                    str(ROOT / "crds" / "embeddingjob.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/embeddingjobs.embedjob.io")
+
+
+@pytest.fixture(scope="session")
+def admin_api(cluster: Cluster) -> client.ApiClient:
+    return config.new_client_from_config(str(cluster.kubeconfig))
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    storage: StorageSpec
+
+    def uri(self, prefix: str = "") -> str:
+        return f"s3://{self.bucket}/{prefix.lstrip('/')}"
+
+    @property
+    def client(self) -> Any:
+        return s3_client(self.storage)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    """moto's server on the address pods reach this machine at, and one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in AWS_ENV.items():
+            mp.setenv(key, value)
+        server = ThreadedMotoServer(ip_address=HOST_IP, port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        bucket = S3(endpoint, "e2e", StorageSpec(endpoint_url=endpoint, region="us-east-1"))
+        bucket.client.create_bucket(Bucket=bucket.bucket)
+        try:
+            yield bucket
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster: Cluster, crd: None, admin_api: client.ApiClient, s3: S3,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    """A namespace with the chart's RBAC and the real operator watching it."""
+    core = client.CoreV1Api(admin_api)
+    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": namespace, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}})
+    prepare_namespace(admin_api, namespace)
+    settings = {"workerImage": WORKER_IMAGE, "progressPollSeconds": 2,
+                "workerDefaults": {"terminationGracePeriodSeconds": 30}}
+    operator = Operator(cluster, admin_api, namespace, tmp_path_factory.mktemp("operator"),
+                        settings).start()
     try:
-        yield Cluster(kubeconfig, str(_tool("kubectl")), str(_tool("helm")))
+        yield Jobs(admin_api, namespace, operator)
     finally:
-        if created and not KEEP:
-            _run([kind, "delete", "cluster", "--name", CLUSTER], timeout=300)
-
-
-@pytest.fixture(scope="session")
-def images(kind_cluster: Cluster) -> None:
-    """Build both images from this checkout and load them into the kind nodes."""
-    # The default worker base is a CUDA PyTorch image (GBs); a CPU-only base is enough
-    # here: EMBEDJOB_E2E_PYTORCH_IMAGE overrides it.
-    worker_args = []
-    if base := os.environ.get("EMBEDJOB_E2E_PYTORCH_IMAGE"):
-        worker_args = ["--build-arg", f"PYTORCH_IMAGE={base}"]
-    _docker_build("Dockerfile.operator", OPERATOR_IMAGE)
-    _docker_build("Dockerfile.worker", WORKER_IMAGE, *worker_args)
-    for image in (OPERATOR_IMAGE, WORKER_IMAGE):
-        result = _run(["kind", "load", "docker-image", image, "--name", CLUSTER], timeout=1800)
-        assert result.returncode == 0, f"kind load {image}: {result.stderr[-2000:]}"
-
-
-@pytest.fixture(scope="session")
-def installed(kind_cluster: Cluster, images: None) -> Iterator[Cluster]:
-    """MinIO and the chart (examples/minio/values.yaml) in one namespace."""
-    k = kind_cluster
-    k.kubectl("create", "namespace", NAMESPACE, check=False)
-    k.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/minio/minio.yaml"))
-    k.wait("--for=condition=Available", "deployment/minio")
-    k.wait("--for=condition=Complete", "job/minio-make-bucket")
-    k.helm(
-        "upgrade",
-        "--install",
-        "embedjob",
-        str(ROOT / "charts/embedjob"),
-        "-n",
-        NAMESPACE,
-        "-f",
-        str(ROOT / "examples/minio/values.yaml"),
-        "--set",
-        f"image.repository={OPERATOR_IMAGE.split(':')[0]}",
-        "--set",
-        f"image.tag={OPERATOR_IMAGE.split(':')[1]}",
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        f"worker.image.repository={WORKER_IMAGE.split(':')[0]}",
-        "--set",
-        f"worker.image.tag={WORKER_IMAGE.split(':')[1]}",
-        # Short enough for a quick test, long enough for the final checkpoint flush.
-        "--set",
-        "worker.terminationGracePeriodSeconds=30",
-        "--wait",
-        "--timeout",
-        "5m",
-    )
-    try:
-        yield k
-    finally:
-        if not KEEP:
-            k.helm("uninstall", "embedjob", "-n", NAMESPACE)
+        operator.stop()
+        core.delete_namespace(namespace, propagation_policy="Background")
