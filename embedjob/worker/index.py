@@ -277,6 +277,17 @@ def _wanted_settings(spec: EmbeddingJobSpec, alphabet: Alphabet) -> dict[str, An
     }
 
 
+def _check_model(spec: EmbeddingJobSpec) -> None:
+    """What the worker would refuse only after loading: say it before any worker starts."""
+    model = spec.model
+    esm2 = model.is_esm2 or model.name.lower().startswith("esm2_")  # the loader's own test
+    if model.weights == "random" and not esm2:
+        raise ConfigError(
+            f"model.weights: random is for ESM-2 models only ({model.name} is loaded as a "
+            "Hugging Face model): give a Hugging Face snapshot, or remove model.weights"
+        )
+
+
 def _refuse(out: Store, differences: str) -> ConfigError:
     return ConfigError(
         f"output {out.uri} already holds a job for a different input/model ({differences}): "
@@ -334,6 +345,7 @@ def run_index(spec: EmbeddingJobSpec, out: Store, *, job_name: str = "") -> Inde
     effective count is ``summary.shards``, the requested one ``summary.requested_shards``.
     """
     alphabet = alphabet_for(spec)
+    _check_model(spec)
     uris = spec.input.all_uris
     wanted = _wanted_settings(spec, alphabet)
     existing = load_summary(out)

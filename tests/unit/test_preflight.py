@@ -61,3 +61,13 @@ def test_truncated_sequences_are_counted_and_listed(tmp_path: Path) -> None:
                        windowOverlap=10), windowed)
     assert load_summary(windowed).truncated == 0  # type: ignore[union-attr]
     assert not windowed.exists(layout.TRUNCATED)
+
+
+def test_random_weights_for_a_hugging_face_model_are_refused_at_once(tmp_path: Path) -> None:
+    from embedjob.failures import ConfigError
+
+    fasta = write(tmp_path / "in.fa", {"a": "MKVL"})
+    spec = spec_for(fasta, tmp_path / "out", alphabet="protein",
+                    name="facebook/esm2_t6_8M_UR50D")
+    with pytest.raises(ConfigError, match="random is for ESM-2 models only"):
+        run_index(spec, FileStore(tmp_path / "out"))
