@@ -27,6 +27,10 @@ class FailureType(str, Enum):
     stuck = "stuck"
     generic = "generic"
     unschedulable = "unschedulable"
+    node_admission = "node_admission"
+    """The kubelet refused the pod before it ran (UnexpectedAdmissionError, OutOf<resource>)."""
+    disk = "disk"
+    """Evicted for ephemeral storage: /cache over its limit, or the node's disk full."""
 
 
 # Exit codes: 143/137 are what the kernel gives for SIGTERM/SIGKILL; the rest follow

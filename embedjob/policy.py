@@ -314,6 +314,40 @@ def _unschedulable(
     return _retry(h, f"unschedulable ({f.message}); waiting".replace(" ()", ""))
 
 
+def _avoid(h: ShardHistory, node: str | None) -> ShardHistory:
+    if not node or node in h.avoid_nodes:
+        return h
+    return replace(h, avoid_nodes=(*h.avoid_nodes, node)[-MAX_AVOIDED_NODES:])
+
+
+def _admission(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
+    """The kubelet refused the pod before it ran (a GPU node whose device plugin is not ready
+    yet, resources taken in a race): the shard is not at fault, so no budget of its own work
+    is spent; the pod is recreated away from that node, with a growing delay after the first
+    few, and only ``retry.nodeAdmission`` refusals without progress fail the shard."""
+    counts = dict(h.failures)
+    counts[f.type.value] = counts.get(f.type.value, 0) + 1
+    h = _avoid(replace(h, failures=MappingProxyType(counts)), f.node)
+    n = h.count(f.type)
+    if n >= spec.retry.node_admission:
+        return _fail(h, f"refused by the kubelet {n} times without progress (last: "
+                        f"{f.message}); check the nodes' device plugins and allocatable resources")
+    delay = 0.0 if n <= 3 else _backoff(spec, n - 3)
+    away = f" away from node {f.node}" if f.node else ""
+    return _retry(h, f"refused at admission ({f.message}); recreating{away}", delay)
+
+
+def _disk(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
+    """Evicted for ephemeral storage: not a preemption (the same pod would fill the same
+    disk again), so it has its own budget; the node is avoided in case its disk was full."""
+    h = _avoid(_counted(h, f.type, progress), f.node)
+    if _over_budget(spec, h, f.type):
+        return _fail(h, f"{_gave_up(spec, f.type, f)}; raise the operator's "
+                        "workerDefaults.cacheSizeLimit and ephemeralStorage")
+    delay = _backoff(spec, h.count(f.type))
+    return _retry(h, f"evicted for disk ({f.message}); retrying in {delay:g}s", delay)
+
+
 def _generic(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
     h = _counted(h, FailureType.generic, progress)
     if _over_budget(spec, h, FailureType.generic):
@@ -333,5 +367,7 @@ _HANDLERS = {
     FailureType.storage_error: _storage,
     FailureType.stuck: _stuck,
     FailureType.unschedulable: _unschedulable,
+    FailureType.node_admission: _admission,
+    FailureType.disk: _disk,
     FailureType.generic: _generic,
 }

@@ -218,6 +218,10 @@ class RetrySpec(Model):
     storage_error: int = Field(5, ge=0, description="Transient storage errors")
     stuck: int = Field(3, ge=0)
     generic: int = Field(3, ge=0)
+    node_admission: int = Field(
+        20, ge=1, description="Kubelet admission refusals in a row (each on another node)"
+    )
+    disk: int = Field(3, ge=0, description="Evictions for ephemeral storage (/cache too small)")
     backoff_seconds: float = Field(10, ge=0, description="First backoff; doubles per attempt")
     max_backoff_seconds: float = Field(600, ge=0)
     quarantine: bool = Field(

@@ -10,12 +10,27 @@ from embedjob.operator.views import PodView, ShardProgress
 
 PREEMPTION_REASONS = frozenset({"Evicted", "Shutdown", "NodeShutdown", "NodeLost",
                                 "Terminated", "Preempting", "DeletionByTaintManager"})
+ADMISSION_REASONS = frozenset({
+    "UnexpectedAdmissionError", "NodeAffinity", "NodeName", "NodePorts", "InvalidNodeInfo",
+    "UnknownReason", "UnexpectedPredicateFailureType", "PodOSNotSupported",
+    "PodOSSelectorNodeLabelDoesNotMatch", "Taint", "TaintToleration",
+})
+"""Pod status reasons of a kubelet's admission refusal (besides ``OutOf<resource>``): the pod
+was bound to a node that then refused to run it, e.g. a GPU node whose device plugin has not
+registered its GPUs yet."""
+DISK_WORDS = ("ephemeral-storage", "ephemeral storage", "ephemeral local storage",
+              "EmptyDir volume")
+"""Words of the kubelet's eviction messages about disk (its own limit, an emptyDir's
+sizeLimit, or the node's disk pressure)."""
 
 
 def classify(pod: PodView) -> Failure:
     """Classify a terminated pod (or one that vanished with its node)."""
     if pod.container_reason == "OOMKilled":
         return Failure(FailureType.host_oom, "container OOMKilled (memory limit)", node=pod.node)
+    refused = kubelet_refusal(pod)
+    if refused is not None:  # before the message: an evicted worker says "preempted" too
+        return refused
     message = TerminationMessage.from_json(pod.termination_message)
     if message is not None:
         return replace(classify_exit(pod.exit_code, message), node=pod.node)
@@ -34,6 +49,18 @@ def classify(pod: PodView) -> Failure:
     failure = replace(classify_exit(pod.exit_code, None), node=pod.node)
     last = _last_line(pod.termination_message)
     return replace(failure, message=last) if last else failure
+
+
+def kubelet_refusal(pod: PodView) -> Failure | None:
+    """An admission refusal or an eviction for disk, from the pod's status reason/message."""
+    reason = pod.pod_reason or ""
+    lines = (pod.pod_message or "").strip().splitlines()
+    text = f"{reason}: {lines[0][:500]}" if lines else reason
+    if reason in ADMISSION_REASONS or reason.startswith("OutOf"):
+        return Failure(FailureType.node_admission, text, node=pod.node)
+    if reason == "Evicted" and any(w in (pod.pod_message or "") for w in DISK_WORDS):
+        return Failure(FailureType.disk, text, node=pod.node)
+    return None
 
 
 def _last_line(text: str | None) -> str:

@@ -41,6 +41,7 @@ def with_state(
     reason: str | None = None,
     message: str | None = None,
     pod_reason: str | None = None,
+    pod_message: str | None = None,
     finished: float = 0,
     started: float = 0,
     conditions: list[dict[str, Any]] | None = None,
@@ -60,6 +61,8 @@ def with_state(
         status["containerStatuses"] = [{"name": "worker", "state": {"terminated": term}}]
     if pod_reason:
         status["reason"] = pod_reason
+    if pod_message:
+        status["message"] = pod_message
     if conditions:
         status["conditions"] = conditions
     if deleting is not None:

@@ -40,6 +40,31 @@ ROWS = [
     ("log tail as message", dict(exit_code=1, reason="Error", message="Traceback ...\nboom"),
      F.generic),
     ("no exit code", dict(), F.generic),
+    # Kubelet admission refusals: the pod never ran on the node it was bound to.
+    ("gpu device plugin not ready", dict(pod_reason="UnexpectedAdmissionError", pod_message=(
+        "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. "
+        "Requested: 1, Available: 0, which is unexpected")), F.node_admission),
+    ("out of gpu at admission", dict(pod_reason="OutOfnvidia.com/gpu", pod_message=(
+        "Node didn't have enough resource: nvidia.com/gpu, requested: 1, used: 0, capacity: 0"
+    )), F.node_admission),
+    ("out of cpu at admission", dict(pod_reason="OutOfcpu"), F.node_admission),
+    ("node affinity at admission", dict(pod_reason="NodeAffinity", pod_message=(
+        "Pod Predicate NodeAffinity failed")), F.node_admission),
+    # Evicted for disk: its own limit, the cache's sizeLimit, the node's disk. The worker got
+    # SIGTERM and says "preempted": the pod's reason must win over its message.
+    ("evicted over its ephemeral limit", dict(pod_reason="Evicted", exit_code=143,
+     reason="Error", message=msg("preempted"), pod_message=(
+         'Pod ephemeral local storage usage exceeds the total limit of containers 20Gi. ')),
+     F.disk),
+    ("evicted: container over its limit", dict(pod_reason="Evicted", pod_message=(
+        'Container worker exceeded its local ephemeral storage limit "20Gi". ')), F.disk),
+    ("evicted: cache emptyDir full", dict(pod_reason="Evicted", pod_message=(
+        'Usage of EmptyDir volume "cache" exceeds the limit "16Gi". ')), F.disk),
+    ("evicted: node disk pressure", dict(pod_reason="Evicted", pod_message=(
+        "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, "
+        "available: 1Gi. ")), F.disk),
+    ("evicted: node memory pressure", dict(pod_reason="Evicted", pod_message=(
+        "The node was low on resource: memory. ")), F.preempted),
 ]
 
 

@@ -111,6 +111,26 @@ SINGLE = [
      lambda d: "retry.quarantine" in d.reason),
     ("unschedulable spends nothing", {}, hist(), Failure(F.unschedulable, "no GPU"), False,
      "retry", lambda d: d.history == ShardHistory()),
+    ("admission refusal spends no generic budget", {"retry": {"generic": 1}}, hist(),
+     Failure(F.node_admission, "UnexpectedAdmissionError: devices unavailable", node="g1"),
+     False, "retry", lambda d: d.delay_seconds == 0 and d.history.avoid_nodes == ("g1",)
+     and d.history.failures == {"node_admission": 1} and "g1" in d.reason),
+    ("admission refusal keeps preemptions in a row", {}, hist(preemptions_in_a_row=4),
+     Failure(F.node_admission, "OutOfcpu"), False, "retry",
+     lambda d: d.history.preemptions_in_a_row == 4),
+    ("admission refusals back off after a few", {"retry": {"backoffSeconds": 5}},
+     hist(failures={"node_admission": 4}), Failure(F.node_admission, "OutOfcpu"), False,
+     "retry", lambda d: d.delay_seconds == 10),
+    ("admission refusal cap", {"retry": {"nodeAdmission": 3}},
+     hist(failures={"node_admission": 2}), Failure(F.node_admission, "OutOfnvidia.com/gpu"),
+     False, "fail", lambda d: "3 times" in d.reason and "device plugin" in d.reason),
+    ("disk eviction is not a preemption", {"retry": {"backoffSeconds": 5}}, hist(),
+     Failure(F.disk, "Evicted: ephemeral storage", node="n1"), False, "retry",
+     lambda d: d.history.failures == {"disk": 1} and d.history.preemptions_in_a_row == 0
+     and d.delay_seconds == 5 and d.history.avoid_nodes == ("n1",)),
+    ("disk budget names the setting", {"retry": {"disk": 2}}, hist(failures={"disk": 1}),
+     Failure(F.disk, "Evicted: ephemeral storage"), False, "fail",
+     lambda d: "disk 2 time(s)" in d.reason and "cacheSizeLimit" in d.reason),
 ]
 
 
@@ -200,3 +220,13 @@ def test_nan_under_auto_on_cpu_is_not_retried_at_a_lower_precision() -> None:
     assert decision.action == "fail"
     on_gpu = Failure(FailureType.numerical, "NaN/Inf in 2 embeddings (first: x) at bf16: retry")
     assert decide(spec, ShardHistory(attempts=1), on_gpu, False).history.precision == "fp32"
+
+
+def test_admission_refusals_alone_never_fail_within_the_default_cap() -> None:
+    """Five fresh GPU nodes in a row without their device plugin: the shard waits, it does
+    not fail (the generic budget of 3 used to fail it, and with it the job)."""
+    refused = Failure(F.node_admission, "UnexpectedAdmissionError: devices unavailable")
+    decisions = run_sequence(spec(), [(replace(refused, node=f"g{i}"), False) for i in range(5)])
+    assert all(d.retry for d in decisions), decisions[-1].reason
+    assert decisions[-1].history.avoid_nodes == ("g0", "g1", "g2", "g3", "g4")
+    assert decisions[-1].history.count(F.generic) == 0
