@@ -151,6 +151,8 @@ class TerminationMessage:
     ids: list[str] = field(default_factory=list)
     batch_tokens: int | None = None
     """The token budget the attempt ran at (what ``auto`` chose): the OOM policy halves it."""
+    precision: str | None = None
+    """The precision the attempt ran at (what ``auto`` resolved): NaN/Inf moves one up."""
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v not in (None, [], False)}
@@ -192,6 +194,7 @@ class Failure:
     node: str | None = None
     ids: tuple[str, ...] = ()
     batch_tokens: int | None = None
+    precision: str | None = None
 
 
 def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> Failure:
@@ -202,7 +205,7 @@ def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> 
         except ValueError:
             kind = FailureType.generic
         return Failure(kind, message.message, message.transient, ids=tuple(message.ids),
-                       batch_tokens=message.batch_tokens)
+                       batch_tokens=message.batch_tokens, precision=message.precision)
     if exit_code is not None and exit_code < 0:  # a local process killed by a signal
         exit_code = 128 - exit_code
     kind = _TYPE_BY_EXIT.get(exit_code or EXIT_GENERIC, FailureType.generic)

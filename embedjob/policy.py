@@ -14,7 +14,6 @@ spends a budget: ``retry.preempted`` only caps preemptions *in a row without pro
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -225,10 +224,10 @@ def _oom(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) ->
 
 def _numerical(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
     h = _counted(h, f.type, progress)
-    current = h.precision or spec.model.precision
-    if current == "auto":  # the worker names the precision it resolved: "... at bf16 ..."
-        said = re.search(r"\b(?:at|in) (fp32|bf16|fp16)\b", f.message)
-        current = said.group(1) if said else "fp16"
+    # The precision the attempt ran at, as it reported it (what ``auto`` resolved to).
+    current = f.precision or h.precision or spec.model.precision
+    if current not in PRECISION_LADDER:  # ``auto`` unreported (killed): the GPU default
+        current = "fp16"
     if current == "fp32":
         return _fail(h, f"NaN/Inf even in fp32: {f.message}".strip())
     if _over_budget(spec, h, f.type):

@@ -21,9 +21,15 @@ def format_ranges(indexes: Iterable[int]) -> str:
     return ",".join(runs)
 
 
-def parse_ranges(text: str) -> list[int]:
+def parse_ranges(text: str | None) -> list[int]:
+    """'0-3,5' -> [0, 1, 2, 3, 5]; empty or None -> []."""
     out: list[int] = []
-    for run in filter(None, (r.strip() for r in text.split(","))):
+    for run in filter(None, (r.strip() for r in (text or "").split(","))):
         lo, _, hi = run.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def range_set(text: str | None) -> set[int]:
+    """The indexes of a range string as a set (what membership tests want)."""
+    return set(parse_ranges(text))

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from embedjob.failures import ConfigError
+from embedjob.progress import ShardProgress as ShardProgress  # re-exported for the shell
+from embedjob.progress import parse_progress as progress_view  # noqa: F401 (re-exported)
 from embedjob.spec import EmbeddingJobSpec, EmbeddingJobStatus, parse_spec
+from embedjob.times import format_time as format_time
+from embedjob.times import parse_time
 
 GROUP = "embedjob.io"
 LABEL_JOB = f"{GROUP}/job"
@@ -25,20 +29,6 @@ ANN_LAST_FAILURE = f"{GROUP}/last-failure"
 ROLE_INDEX = "index"
 ROLE_WORKER = "worker"
 ROLE_FINALIZE = "finalize"
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def format_time(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -218,44 +208,3 @@ def index_info(data: bytes | str) -> IndexInfo | None:
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     return IndexInfo(shards, sequences) if shards >= 1 and sequences >= 0 else None
-
-
-@dataclass(frozen=True)
-class ShardProgress:
-    """A shard's progress.json (written by the worker after each committed part)."""
-
-    shard: int
-    attempt: int = 0
-    total: int = 0
-    done: int = 0
-    parts: int = 0
-    rate: float = 0.0
-    updated: datetime | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-def progress_view(shard: int, data: bytes | str | Mapping[str, Any]) -> ShardProgress | None:
-    """Parse progress.json leniently: an unreadable record is no record."""
-    try:
-        raw = json.loads(data) if isinstance(data, (bytes, str)) else dict(data)
-        return ShardProgress(
-            shard=shard,
-            attempt=int(raw.get("attempt") or 0),
-            total=int(raw.get("total") or 0),
-            done=int(raw.get("done") or 0),
-            parts=_count(raw.get("parts")),
-            rate=float(raw.get("rate") or 0.0),
-            updated=_updated(raw.get("updated")),
-        )
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
-def _count(parts: Any) -> int:
-    return len(parts) if isinstance(parts, (list, dict)) else int(parts or 0)
-
-
-def _updated(value: Any) -> datetime | None:
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    return parse_time(value)

@@ -26,7 +26,9 @@ import numpy as np
 from embedjob import layout
 from embedjob.failures import EmbedjobError, StorageError
 from embedjob.logs import log
+from embedjob.progress import ShardProgress, progress_document
 from embedjob.store import ObjectNotFound, Store
+from embedjob.times import from_epoch
 
 
 @dataclass(frozen=True)
@@ -213,20 +215,12 @@ class ProgressState:
     def document(self, extra: dict[str, object]) -> bytes:
         elapsed = max(time.time() - self.started, 1e-6)
         new = self.committed - self.committed_at_start
-        doc = {
-            "shard": self.shard,
-            "attempt": self.attempt,
-            "total": self.total,
-            "done": self.committed,
-            "parts": self.parts,
-            "rate": round(new / elapsed, 3),
-            "batchTokens": self.batch_tokens,
-            "precision": self.precision,
-            "quarantined": self.quarantined,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **extra,
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        record = ShardProgress(shard=self.shard, attempt=self.attempt, total=self.total,
+                               done=self.committed, parts=self.parts, rate=new / elapsed,
+                               updated=from_epoch(time.time()))
+        return progress_document(record, batch_tokens=self.batch_tokens,
+                                 precision=self.precision, quarantined=self.quarantined,
+                                 extra=extra)
 
 
 class PartWriter:

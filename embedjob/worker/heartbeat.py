@@ -12,7 +12,6 @@ every forward pass, and the worker saves what it embedded before leaving.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -24,6 +23,7 @@ from embedjob import layout
 from embedjob.failures import Preempted, StorageError, TerminationMessage, write_termination_message
 from embedjob.liveness import SLOW_STAGES, beat_interval
 from embedjob.logs import log
+from embedjob.progress import HeartbeatRecord, heartbeat_document
 from embedjob.store import Store
 from embedjob.worker.failpoints import Failpoints
 
@@ -95,14 +95,13 @@ class Heartbeat:
     def document(self) -> bytes:
         with self._lock:
             elapsed = time.time() - self.embed_started if self.embed_started else 0.0
-            doc = {
-                "attempt": self.attempt, "stage": self.stage, "beat": self.beats,
-                "passes": self.passes, "slowestPass": round(self.slowest, 3),
-                "embedded": self.embedded, "committedAtStart": self.committed_at_start,
-                "rate": round(self.embedded / elapsed, 3) if elapsed > 0 else 0.0,
-                "time": round(time.time(), 3),
-            }
-        return json.dumps(doc, separators=(",", ":")).encode()
+            record = HeartbeatRecord(
+                attempt=self.attempt, stage=self.stage, beat=self.beats, passes=self.passes,
+                slowest_pass=self.slowest, embedded=self.embedded,
+                committed_at_start=self.committed_at_start,
+                rate=self.embedded / elapsed if elapsed > 0 else 0.0, time=time.time(),
+            )
+        return heartbeat_document(record)
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval):

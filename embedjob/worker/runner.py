@@ -145,7 +145,7 @@ def check_finite(embeddings: np.ndarray, ids: list[str], precision: str) -> None
         first = ids[int(np.flatnonzero(bad)[0])]
         raise NumericalError(
             f"NaN/Inf in {int(bad.sum())} embeddings (first: {first}) at {precision}: "
-            "retry at a safer precision"
+            "retry at a safer precision", precision=precision,
         )
 
 
@@ -370,7 +370,7 @@ def main(env: Mapping[str, str] | None = None) -> int:
             type=err.failure.value, message=err.message,
             committed=int(err.details.get("committed", 0)), done_this_attempt=attempt.done,
             batch=attempt.batch, transient=getattr(err, "transient", False),
-            batch_tokens=attempt.batch_tokens,
+            batch_tokens=attempt.batch_tokens, precision=err.details.get("precision"),
             ids=list(err.details.get("ids", batch_ids)),
         )
         write_termination_message(message)

@@ -67,7 +67,8 @@ SINGLE = [
      Failure(F.numerical, "NaN"), False, "retry", lambda d: d.history.precision == "bf16"),
     ("numerical auto assumes fp16", {}, hist(), Failure(F.numerical, "NaN"), False, "retry",
      lambda d: d.history.precision == "bf16"),
-    ("numerical auto resolved bf16", {}, hist(), Failure(F.numerical, "NaN in bf16"), False,
+    ("numerical auto resolved bf16", {}, hist(),
+     Failure(F.numerical, "NaN in bf16", precision="bf16"), False,
      "retry", lambda d: d.history.precision == "fp32"),
     ("numerical override bf16 -> fp32", {}, hist(precision="bf16"), Failure(F.numerical, ""),
      False, "retry", lambda d: d.history.precision == "fp32"),
@@ -215,10 +216,12 @@ def test_nan_under_auto_on_cpu_is_not_retried_at_a_lower_precision() -> None:
     from embedjob.spec import EmbeddingJobSpec
 
     spec = EmbeddingJobSpec.model_validate({"input": {"uri": "a"}, "output": {"uri": "o"}})
-    failure = Failure(FailureType.numerical, "NaN/Inf in 1 embedding(s) at fp32: run at a ...")
+    failure = Failure(FailureType.numerical, "NaN/Inf in 1 embedding(s) at fp32: run at a ...",
+                      precision="fp32")
     decision = decide(spec, ShardHistory(attempts=1), failure, made_progress=False)
     assert decision.action == "fail"
-    on_gpu = Failure(FailureType.numerical, "NaN/Inf in 2 embeddings (first: x) at bf16: retry")
+    on_gpu = Failure(FailureType.numerical, "NaN/Inf in 2 embeddings (first: x) at bf16: retry",
+                     precision="bf16")
     assert decide(spec, ShardHistory(attempts=1), on_gpu, False).history.precision == "fp32"
 
 

@@ -62,5 +62,5 @@ def check_finite(pooled: np.ndarray, precision: str) -> None:
         bad = int((~np.isfinite(pooled)).any(axis=1).sum())
         raise NumericalError(
             f"NaN/Inf in {bad} embedding(s) at {precision}: run at a safer precision "
-            "(model.precision: bf16 or fp32)"
+            "(model.precision: bf16 or fp32)", precision=precision,
         )
