@@ -51,6 +51,58 @@ class WorkerDefaults(_Model):
     termination_grace_period_seconds: int = Field(90, ge=0)
     env: list[dict[str, Any]] = Field(default_factory=list)
     storage: WorkerStorage = Field(default_factory=WorkerStorage)
+    cache_size_limit: str = Field(
+        "80Gi", description="sizeLimit of every pod's /cache emptyDir (model weights, caches)"
+    )
+    ephemeral_storage: str | None = Field(
+        "10Gi", description="ephemeral-storage request of worker pods (none: no request)"
+    )
+
+
+DEFAULT_INDEX_RESOURCES = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+DEFAULT_FINALIZE_RESOURCES = {
+    "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}
+}
+
+
+class StepPods(_Model):
+    """Scheduling of the index and finalize pods: CPU work, so none of the workers' GPU or
+    spot settings apply; empty by default (any node without taints: on-demand capacity)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+
+
+class Security(_Model):
+    """What a job's spec.image and spec.template may ask for (see pods.check_security)."""
+
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of images spec.image may name; the workerImage always",
+    )
+    allowed_service_accounts: list[str] = Field(
+        default_factory=list,
+        description="ServiceAccounts spec.template may name besides the workers' default one",
+    )
+    allowed_volume_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_VOLUME_TYPES),
+        description="Volume sources spec.template.volumes may use",
+    )
+    allowed_runtime_classes: list[str] = Field(
+        default_factory=list, description="RuntimeClasses spec.template may name"
+    )
+    allowed_scheduler_names: list[str] = Field(
+        default_factory=list, description="Schedulers spec.template may name"
+    )
+
+
+DEFAULT_VOLUME_TYPES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected",
+                        "downwardAPI", "ephemeral")
+"""Volume sources that reach only what the namespace already grants (its own ConfigMaps,
+Secrets, claims): no hostPath, and no inline network or CSI volume that names storage the
+namespace's users may not reach through a claim."""
 
 
 class OperatorSettings(_Model):
@@ -73,6 +125,16 @@ class OperatorSettings(_Model):
         300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"
     )
     worker_defaults: WorkerDefaults = Field(default_factory=WorkerDefaults)
+    index_resources: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_INDEX_RESOURCES),
+        description="Resources of index pods (CPU only; spec.resources is for workers)",
+    )
+    finalize_resources: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_FINALIZE_RESOURCES),
+        description="Resources of finalize pods (CPU only)",
+    )
+    step_pods: StepPods = Field(default_factory=StepPods)
+    security: Security = Field(default_factory=Security)
 
 
 def load_settings(path: str | Path | None = None) -> OperatorSettings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from typing import Any
 
@@ -75,6 +76,9 @@ def build_pod(
     if unknown:
         allowed = ", ".join(sorted(TEMPLATE_KEYS))
         raise ConfigError(f"spec.template: unsupported key {unknown[0]!r}; allowed: {allowed}")
+    refusal = check_security(spec.image, template, settings)
+    if refusal:
+        raise ConfigError(refusal)
     defaults = settings.worker_defaults
     name = pod_name(job.name, role, shard, attempt)
     labels = {
@@ -101,11 +105,16 @@ def build_pod(
         "containers": [_container(job, spec, role, shard, attempt, history, settings, template)],
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
+            # Bounded: a runaway cache is evicted as `disk` (its own budget), not as a
+            # preemption retried a hundred times, and cannot fill the node's disk.
+            {"name": "cache", "emptyDir": {"sizeLimit": defaults.cache_size_limit}},
             *copy.deepcopy(template.get("volumes") or []),
         ],
     }
-    _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
+    if role == ROLE_WORKER:
+        _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
+    else:
+        _step_scheduling(pod_spec, settings, template)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -149,7 +158,8 @@ def _container(
         # The image's WORKDIR, set here too so that any image honouring the contract works.
         "workingDir": CACHE_DIR,
         "env": _env(job, spec, shard, attempt, history, settings, template),
-        "resources": _resources(spec, settings, gpu=role == ROLE_WORKER),
+        "resources": _resources(spec, settings) if role == ROLE_WORKER else copy.deepcopy(
+            settings.index_resources if role == ROLE_INDEX else settings.finalize_resources),
         "terminationMessagePath": DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
@@ -209,15 +219,17 @@ def _env(
     return env
 
 
-def _resources(spec: EmbeddingJobSpec, settings: OperatorSettings, gpu: bool) -> dict[str, Any]:
-    base = copy.deepcopy(settings.worker_defaults.resources or {})
+def _resources(spec: EmbeddingJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """A worker's: spec.resources over the operator's workerDefaults.resources."""
+    defaults = settings.worker_defaults
+    base = copy.deepcopy(defaults.resources or {})
     requests = {**base.get("requests", {}), "cpu": spec.resources.cpu,
                 "memory": spec.resources.memory}
+    if defaults.ephemeral_storage:
+        requests.setdefault("ephemeral-storage", defaults.ephemeral_storage)
     limits = {**base.get("limits", {}), "memory": spec.resources.memory}
-    if gpu and spec.resources.gpus:
+    if spec.resources.gpus:
         limits["nvidia.com/gpu"] = str(spec.resources.gpus)
-    elif not gpu:
-        limits.pop("nvidia.com/gpu", None)
     return {"requests": requests, "limits": limits}
 
 
@@ -239,6 +251,67 @@ def _scheduling(
         pod_spec["tolerations"] = copy.deepcopy(tolerations)
     if role == ROLE_WORKER and history.avoid_nodes:
         pod_spec["affinity"] = avoid_nodes(pod_spec.get("affinity") or {}, history.avoid_nodes)
+
+
+STEP_TEMPLATE_KEYS = ("serviceAccountName", "imagePullSecrets")
+"""What index/finalize pods take from a job's template: its storage identity and registry
+access; never its GPU/spot scheduling (they run on CPU, by default on on-demand capacity)."""
+
+
+def _step_scheduling(
+    pod_spec: dict[str, Any], settings: OperatorSettings, template: dict[str, Any]
+) -> None:
+    """Index/finalize pods: the operator's stepPods settings, not the workers'."""
+    steps = settings.step_pods
+    worker = settings.worker_defaults
+    values = {
+        "nodeSelector": steps.node_selector,
+        "tolerations": steps.tolerations,
+        "affinity": steps.affinity,
+        "priorityClassName": steps.priority_class_name,
+        "serviceAccountName": template.get("serviceAccountName", worker.service_account_name),
+        "imagePullSecrets": template.get("imagePullSecrets"),
+    }
+    for key, value in values.items():
+        if value:
+            pod_spec[key] = copy.deepcopy(value)
+
+
+def check_security(
+    image: str | None, template: dict[str, Any], settings: OperatorSettings
+) -> str | None:
+    """The first thing a job asks for that the operator's ``security`` settings do not allow,
+    as one line naming the field and the setting that would allow it; None: allowed."""
+    sec = settings.security
+    if image and image != settings.worker_image and not any(
+        fnmatch.fnmatchcase(image, pattern) for pattern in sec.allowed_images
+    ):
+        return _refused("spec.image", repr(image), "security.allowedImages")
+    account = template.get("serviceAccountName")
+    if account and account != settings.worker_defaults.service_account_name and (
+        account not in sec.allowed_service_accounts
+    ):
+        return _refused("spec.template.serviceAccountName", repr(account),
+                        "security.allowedServiceAccounts")
+    for key, allowed, setting in (
+        ("runtimeClassName", sec.allowed_runtime_classes, "allowedRuntimeClasses"),
+        ("schedulerName", sec.allowed_scheduler_names, "allowedSchedulerNames"),
+    ):
+        value = template.get(key)
+        if value and value not in allowed:
+            return _refused(f"spec.template.{key}", repr(value), f"security.{setting}")
+    for i, volume in enumerate(template.get("volumes") or []):
+        # A volume without a source is defaulted to emptyDir by the API server.
+        bad = sorted(k for k in volume if k != "name" and k not in sec.allowed_volume_types)
+        if bad:
+            return _refused(f"spec.template.volumes[{i}].{bad[0]}",
+                            f"volume {volume.get('name', '?')!r}", "security.allowedVolumeTypes")
+    return None
+
+
+def _refused(field: str, what: str, setting: str) -> str:
+    return (f"{field}: {what} is not allowed by the operator's settings (an administrator "
+            f"can allow it in {setting})")
 
 
 def avoid_nodes(affinity: dict[str, Any], nodes: tuple[str, ...]) -> dict[str, Any]:

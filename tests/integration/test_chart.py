@@ -301,6 +301,37 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
     assert (config.stuck_after_seconds, config.unschedulable_after_seconds) == (600, 120)
 
 
+def test_step_cache_and_security_values_reach_the_operator_config(
+    helm: Path, tmp_path: Path
+) -> None:
+    default = operator_config(render(helm, tmp_path))
+    assert default.worker_defaults.cache_size_limit == "80Gi"
+    assert default.worker_defaults.ephemeral_storage == "10Gi"
+    assert default.step_pods.tolerations == [] and default.step_pods.node_selector == {}
+    assert "hostPath" not in default.security.allowed_volume_types
+    assert default.index_resources["requests"]["cpu"] == "1"
+    values = {
+        "worker": {"cacheSizeLimit": "200Gi", "ephemeralStorage": ""},
+        "steps": {"indexResources": {"requests": {"cpu": "3"}},
+                  "nodeSelector": {"karpenter.sh/capacity-type": "on-demand"},
+                  "tolerations": [{"key": "cpu", "operator": "Exists"}],
+                  "priorityClassName": "steps"},
+        "security": {"allowedImages": ["registry.example/*"],
+                     "allowedServiceAccounts": ["team-a"], "allowedRuntimeClasses": ["nvidia"]},
+    }
+    config = operator_config(render(helm, tmp_path, values))
+    assert config.worker_defaults.cache_size_limit == "200Gi"
+    assert config.worker_defaults.ephemeral_storage is None
+    assert config.index_resources == {"requests": {"cpu": "3", "memory": "4Gi"},
+                                      "limits": {"memory": "4Gi"}}  # helm merges maps
+    assert config.step_pods.node_selector == {"karpenter.sh/capacity-type": "on-demand"}
+    assert config.step_pods.tolerations == [{"key": "cpu", "operator": "Exists"}]
+    assert config.step_pods.priority_class_name == "steps"
+    assert config.security.allowed_images == ["registry.example/*"]
+    assert config.security.allowed_service_accounts == ["team-a"]
+    assert config.security.allowed_runtime_classes == ["nvidia"]
+
+
 def test_config_change_rolls_the_operator(helm: Path, tmp_path: Path) -> None:
     def checksum(values: dict[str, Any]) -> str:
         deployment = one(render(helm, tmp_path, values), "Deployment")
@@ -354,6 +385,8 @@ def _value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
         "securityContext",
         "podAnnotations",
         "podLabels",
+        "indexResources",
+        "finalizeResources",
     }
     paths = []
     for key, value in values.items():
@@ -454,3 +487,8 @@ def test_example_values_reach_valid_worker_pods(
         if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
     }
     assert refs.get("AWS_ACCESS_KEY_ID") == secret
+    index = build_pod(job_view(_example_job(job_file)), "index", -1, 0, ShardHistory(),
+                      settings)
+    kubernetes_validate.validate(index, KUBE_VERSION, strict=True)
+    assert "tolerations" not in index["spec"] and "nodeSelector" not in index["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(index["spec"]["containers"][0]["resources"])

@@ -22,6 +22,7 @@ SETTINGS = parse_settings({
         "storage": {"endpointUrl": "http://minio:9000", "credentialsSecret": "s3-creds"},
         "env": [{"name": "FOO", "value": "1"}, {"name": "EMBEDJOB_SHARD", "value": "99"}],
     },
+    "security": {"allowedServiceAccounts": ["irsa"]},
 })
 
 
@@ -67,6 +68,10 @@ CASES = [
     ("secret only by reference", lambda p: env_of(p)["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID", "optional": False}}),
     ("no overrides by default", lambda p: "EMBEDJOB_PRECISION" not in env_of(p)),
+    ("cache has a size limit", lambda p: {"name": "cache", "emptyDir": {"sizeLimit": "80Gi"}}
+     in p["spec"]["volumes"]),
+    ("requests ephemeral storage", lambda p: p["spec"]["containers"][0]["resources"]
+     ["requests"]["ephemeral-storage"] == "10Gi"),
 ]
 
 
@@ -116,3 +121,56 @@ def test_index_pod_has_no_gpu_and_round_trips() -> None:
     assert "nvidia.com/gpu" not in p["spec"]["containers"][0]["resources"]["limits"]
     view = pod_view(p)
     assert view is not None and view.role == "index" and view.attempt == 0
+
+
+SPOT_GPU = parse_settings({
+    "workerDefaults": {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"},
+                        {"key": "karpenter.sh/capacity-type", "value": "spot"}],
+        "nodeSelector": {"karpenter.sh/capacity-type": "spot"},
+        "affinity": {"nodeAffinity": {"x": 1}}, "priorityClassName": "gpu-batch",
+        "serviceAccountName": "s3-reader",
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+    },
+})
+
+
+@pytest.mark.parametrize("role", ["index", "finalize"])
+def test_steps_schedule_as_cpu_pods_on_demand(role: str) -> None:
+    """examples/eks-spot: the index step used to buy a spot GPU node."""
+    template = {"nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "t"}],
+                "runtimeClassName": "nvidia", "imagePullSecrets": [{"name": "reg"}]}
+    settings = SPOT_GPU.model_copy(update={"security": SPOT_GPU.security.model_copy(
+        update={"allowed_runtime_classes": ["nvidia"]})})
+    p = build_pod(job(template=template), role, -1, 0, FRESH, settings)["spec"]
+    resources = p["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in json.dumps(resources)
+    assert resources == (settings.index_resources if role == "index"
+                         else settings.finalize_resources)
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName",
+                "runtimeClassName"):
+        assert key not in p, key
+    assert p["serviceAccountName"] == "s3-reader"  # the storage identity stays
+    assert p["imagePullSecrets"] == [{"name": "reg"}]
+
+
+def test_step_scheduling_is_overridable() -> None:
+    settings = parse_settings({
+        "indexResources": {"requests": {"cpu": "3"}},
+        "stepPods": {"nodeSelector": {"capacity": "on-demand"},
+                     "tolerations": [{"key": "cpu-pool", "operator": "Exists"}],
+                     "priorityClassName": "steps"},
+    })
+    p = build_pod(job(), "index", -1, 0, FRESH, settings)["spec"]
+    assert p["containers"][0]["resources"] == {"requests": {"cpu": "3"}}
+    assert p["nodeSelector"] == {"capacity": "on-demand"}
+    assert p["tolerations"] == [{"key": "cpu-pool", "operator": "Exists"}]
+    assert p["priorityClassName"] == "steps"
+
+
+def test_cache_and_ephemeral_storage_are_configurable() -> None:
+    settings = parse_settings({"workerDefaults": {"cacheSizeLimit": "200Gi",
+                                                  "ephemeralStorage": None}})
+    p = build_pod(job(), "worker", 0, 0, FRESH, settings)["spec"]
+    assert {"name": "cache", "emptyDir": {"sizeLimit": "200Gi"}} in p["volumes"]
+    assert "ephemeral-storage" not in p["containers"][0]["resources"]["requests"]

@@ -79,8 +79,14 @@ values are left out so that the operator's own defaults (None) apply.
 {{- with $w.affinity }}{{ $_ := set $defaults "affinity" . }}{{ end }}
 {{- with $w.priorityClassName }}{{ $_ := set $defaults "priorityClassName" . }}{{ end }}
 {{- with include "embedjob.workerServiceAccountName" . }}{{ $_ := set $defaults "serviceAccountName" . }}{{ end }}
+{{- $_ := set $defaults "cacheSizeLimit" $w.cacheSizeLimit }}
+{{- $_ := set $defaults "ephemeralStorage" ($w.ephemeralStorage | default nil) }}
+{{- $s := .Values.steps }}
+{{- $steps := dict "nodeSelector" $s.nodeSelector "tolerations" $s.tolerations }}
+{{- with $s.affinity }}{{ $_ := set $steps "affinity" . }}{{ end }}
+{{- with $s.priorityClassName }}{{ $_ := set $steps "priorityClassName" . }}{{ end }}
 {{- $o := .Values.operator }}
-{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "workerDefaults" $defaults }}
+{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "workerDefaults" $defaults "indexResources" $s.indexResources "finalizeResources" $s.finalizeResources "stepPods" $steps "security" .Values.security }}
 {{- toYaml $config }}
 {{- end }}
 
