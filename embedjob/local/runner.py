@@ -168,7 +168,7 @@ class LocalRun:
             phase = Phase.succeeded
             message = f"{plural(manifest['sequences'], 'sequence')} embedded"
         self._save_status(shards, phase, message)
-        self.view.message(f"{phase.value.lower()}: {message} — output: {self.store.uri}")
+        self.view.message(f"{phase.value}: {message} — output: {self.store.uri}")
         if phase == Phase.succeeded:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return 0

@@ -155,7 +155,7 @@ class LiveView(View):
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=max(int(str(f["total"])), 1), completed=int(str(f["done"])),
                                 width=60),
-                    Text(f"{finished}/{plural(len(shards), 'shard')} done", style="green"))
+                    Text(f"{finished}/{len(shards)} shards done", style="green"))
         table = Table(box=None, pad_edge=False)
         for col in ("shard", "state", "attempt", "committed", "in flight", "seq/s", "stage",
                     "last failure"):
