@@ -9,15 +9,30 @@ decision with its failure type, which Events, metrics and logs read as fields.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from embedjob.failures import Failure, FailureType, TerminationMessage, classify_exit
-from embedjob.policy import Decision, ShardHistory, decide
-from embedjob.spec import EmbeddingJobSpec, LastFailure, ShardState
+from embedjob.policy import Decision, ShardHistory, decide, worker_env
+from embedjob.spec import EmbeddingJobSpec, LastFailure, ShardState, dump_spec
 from embedjob.times import format_time
 
 LAST_FAILURE_MAX = 300
+
+
+def attempt_env(spec: EmbeddingJobSpec, job: str, shard: int, attempt: int,
+                history: ShardHistory, termination_log: str) -> dict[str, str]:
+    """The worker's contract, as both runners start an attempt: what it runs, who it is, and
+    the policy's overrides (docs/architecture.md)."""
+    return {
+        "EMBEDJOB_SPEC": json.dumps(dump_spec(spec), separators=(",", ":"), sort_keys=True),
+        "EMBEDJOB_JOB": job,
+        "EMBEDJOB_SHARD": str(max(shard, 0)),
+        "EMBEDJOB_ATTEMPT": str(attempt),
+        "EMBEDJOB_TERMINATION_LOG": termination_log,
+        **worker_env(history),
+    }
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,15 @@ def condition_key(status: EmbeddingJobStatus) -> list[tuple[str, str, str]]:
 # --- manifest entries ---------------------------------------------------------------------
 
 
+def attempt_name(job: str, role: str, shard: int, attempt: int) -> str:
+    """An attempt's name: its pod's in a cluster (deterministic, so creating it twice
+    conflicts instead of duplicating), the same in the local runner's status."""
+    if role == "worker":
+        return f"{job}-{shard}-{attempt}"
+    return f"{job}-{role}-{attempt}"
+
+
+
 def history_fields(history: ShardHistory) -> dict[str, Any]:
     """The policy history as ShardEntry fields (what must survive a vanished pod)."""
     return {

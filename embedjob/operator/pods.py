@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 from typing import Any
 
+from embedjob.attempts import attempt_env
 from embedjob.failures import DEFAULT_TERMINATION_LOG, ConfigError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.views import (
@@ -23,8 +23,9 @@ from embedjob.operator.views import (
     ROLE_WORKER,
     JobView,
 )
-from embedjob.policy import ShardHistory, worker_env
-from embedjob.spec import API_GROUP, API_VERSION, KIND, EmbeddingJobSpec, dump_spec
+from embedjob.policy import ShardHistory
+from embedjob.spec import API_GROUP, API_VERSION, KIND, EmbeddingJobSpec
+from embedjob.status import attempt_name
 
 CONTAINER = "worker"
 CACHE_DIR = "/cache"
@@ -39,9 +40,7 @@ COMMANDS = {ROLE_INDEX: "index", ROLE_WORKER: "worker", ROLE_FINALIZE: "finalize
 
 def pod_name(job: str, role: str, shard: int, attempt: int) -> str:
     """Deterministic, so creating twice conflicts instead of duplicating."""
-    if role == ROLE_WORKER:
-        return f"{job}-{shard}-{attempt}"
-    return f"{job}-{role}-{attempt}"
+    return attempt_name(job, role, shard, attempt)
 
 
 def effective_spec(spec: EmbeddingJobSpec, settings: OperatorSettings) -> EmbeddingJobSpec:
@@ -187,16 +186,11 @@ def _env(
     template: dict[str, Any],
 ) -> list[dict[str, Any]]:
     ours = {
-        "EMBEDJOB_SPEC": json.dumps(dump_spec(spec), separators=(",", ":"), sort_keys=True),
-        "EMBEDJOB_JOB": job.name,
-        "EMBEDJOB_SHARD": str(max(shard, 0)),
-        "EMBEDJOB_ATTEMPT": str(attempt),
-        "EMBEDJOB_TERMINATION_LOG": DEFAULT_TERMINATION_LOG,
+        **attempt_env(spec, job.name, shard, attempt, history, DEFAULT_TERMINATION_LOG),
         "HOME": "/tmp",
         "XDG_CACHE_HOME": CACHE_DIR,
         "TORCH_HOME": f"{CACHE_DIR}/torch",
         "HF_HOME": f"{CACHE_DIR}/huggingface",
-        **worker_env(history),
     }
     if spec.storage.region:
         ours["AWS_REGION"] = spec.storage.region
