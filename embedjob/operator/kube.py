@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -28,8 +29,48 @@ _POOL = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="embedjob-a
 """Own threads for API calls: asyncio's default pool has only cpus + 4 of them."""
 
 
+CONNECT_TIMEOUT_SECONDS = 10.0
+READ_TIMEOUT_SECONDS = 30.0
+"""Every call has a limit: a half-open connection or a stalled API server costs one call at
+most this long, then the job's loop retries (the server's own limit is 60 s)."""
+REQUEST_TIMEOUT = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+WATCH_CLIENT_TIMEOUT_SECONDS = 330.0
+"""kopf's watch streams: longer than the server-side timeout (300 s) that ends them
+normally, so only a watch that went silent is cut."""
+
+
+class ApiUnreachable(ConnectionError):
+    """The API server did not answer (timeout, refused or reset connection, TLS error).
+
+    An OSError, so the job loop's handler for API hiccups logs it and retries after a short
+    pause instead of leaving the daemon to kopf's backoff."""
+
+
+def unreachable(what: str, err: urllib3.exceptions.HTTPError) -> ApiUnreachable:
+    """One line: what was called and urllib3's innermost reason, without the pool's repr."""
+    reason = getattr(err, "reason", None) or err
+    text = str(reason).split(": ", 1)[-1] if isinstance(reason, Exception) else str(reason)
+    return ApiUnreachable(
+        f"Kubernetes API unreachable ({what}): {type(reason).__name__}: {text}; retrying")
+
+
 async def _call(func: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(_POOL, lambda: func(*args))
+    def call() -> Any:
+        try:
+            return func(*args, _request_timeout=REQUEST_TIMEOUT)
+        except urllib3.exceptions.HTTPError as err:  # MaxRetryError, ProtocolError, timeouts
+            raise unreachable(getattr(func, "__name__", "call"), err) from None
+
+    return await asyncio.get_running_loop().run_in_executor(_POOL, call)
+
+
+def kopf_timeouts(settings: Any) -> None:
+    """The same limits on kopf's own requests (its watches and patches): call from the
+    kopf startup handler with its ``settings``."""
+    settings.networking.connect_timeout = CONNECT_TIMEOUT_SECONDS
+    settings.networking.request_timeout = READ_TIMEOUT_SECONDS
+    settings.watching.connect_timeout = CONNECT_TIMEOUT_SECONDS
+    settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_SECONDS
 
 
 def connect() -> client.ApiClient:
@@ -153,5 +194,6 @@ async def post_event(job: JobView, event: Event) -> None:
         await _call(
             client.CoreV1Api(connect()).create_namespaced_event, job.namespace, body
         )
-    except ApiException as err:
-        log.warning("could not post event %s on %s: %s", event.reason, job.name, describe(err))
+    except (ApiException, ApiUnreachable) as err:
+        text = describe(err) if isinstance(err, ApiException) else str(err)
+        log.warning("could not post event %s on %s: %s", event.reason, job.name, text)
