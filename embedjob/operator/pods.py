@@ -9,7 +9,7 @@ from typing import Any
 from embedjob.attempts import attempt_env
 from embedjob.failures import DEFAULT_TERMINATION_LOG, ConfigError
 from embedjob.operator.config import OperatorSettings
-from embedjob.operator.views import (
+from embedjob.operator.names import (
     ANN_HISTORY,
     ANN_LAST_FAILURE,
     ANN_START_DONE,
@@ -21,8 +21,8 @@ from embedjob.operator.views import (
     ROLE_FINALIZE,
     ROLE_INDEX,
     ROLE_WORKER,
-    JobView,
 )
+from embedjob.operator.views import JobView
 from embedjob.policy import ShardHistory
 from embedjob.spec import API_GROUP, API_VERSION, KIND, EmbeddingJobSpec
 from embedjob.status import attempt_name

@@ -10,25 +10,25 @@ from datetime import datetime
 from typing import Any
 
 from embedjob.failures import ConfigError
+from embedjob.operator.names import (  # noqa: F401 (re-exported: older imports name views)
+    ANN_HISTORY,
+    ANN_LAST_FAILURE,
+    ANN_START_DONE,
+    GROUP,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_JOB_UID,
+    LABEL_ROLE,
+    LABEL_SHARD,
+    ROLE_FINALIZE,
+    ROLE_INDEX,
+    ROLE_WORKER,
+)
 from embedjob.progress import ShardProgress as ShardProgress  # re-exported for the shell
 from embedjob.progress import parse_progress as progress_view  # noqa: F401 (re-exported)
 from embedjob.spec import EmbeddingJobSpec, EmbeddingJobStatus, parse_spec
 from embedjob.times import format_time as format_time
 from embedjob.times import parse_time
-
-GROUP = "embedjob.io"
-LABEL_JOB = f"{GROUP}/job"
-LABEL_JOB_UID = f"{GROUP}/job-uid"
-LABEL_SHARD = f"{GROUP}/shard"
-LABEL_ATTEMPT = f"{GROUP}/attempt"
-LABEL_ROLE = f"{GROUP}/role"
-ANN_HISTORY = f"{GROUP}/history"
-ANN_START_DONE = f"{GROUP}/start-done"
-ANN_LAST_FAILURE = f"{GROUP}/last-failure"
-
-ROLE_INDEX = "index"
-ROLE_WORKER = "worker"
-ROLE_FINALIZE = "finalize"
 
 
 @dataclass(frozen=True)
