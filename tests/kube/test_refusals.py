@@ -16,8 +16,9 @@ from operatorkit import Jobs, Operator, condition, prepare_namespace, wait_for
 from embedjob.operator.kube import EVENT_MESSAGE_BYTES
 
 # Keys with a space are not label keys; many of them, non-ASCII, make the server's message
-# longer than an Event may carry in bytes (though not in characters).
-BAD_SELECTOR = {f"zoné {'é' * 20} {i}": "x" for i in range(20)}
+# longer than an Event may carry in bytes (though not in characters). Labels, because every
+# pod takes them (index pods take no nodeSelector from the template: they run on CPU nodes).
+BAD_LABELS = {f"zoné {'é' * 20} {i}": "x" for i in range(20)}
 
 
 def test_a_pod_the_server_refuses_fails_the_job_with_its_message(
@@ -29,21 +30,21 @@ def test_a_pod_the_server_refuses_fails_the_job_with_its_message(
     try:
         jobs.create("refused", {"input": {"uri": str(tmp_path / "in.fa")},
                                 "output": {"uri": str(tmp_path / "out")},
-                                "template": {"nodeSelector": BAD_SELECTOR}})
+                                "template": {"labels": BAD_LABELS}})
         job = jobs.wait_phase("refused", "Failed", timeout=120)
         failed = condition(job, "Failed")
         assert failed["status"] == "True" and failed["reason"] == "PodRejected", failed
-        assert "422" in failed["message"] and "spec.nodeSelector" in failed["message"], failed
+        assert "422" in failed["message"] and "metadata.labels" in failed["message"], failed
         event = wait_for(lambda: [e for e in jobs.events("refused")
                                   if e["reason"] == "PodRejected"], timeout=30)[0]
         assert event["type"] == "Warning"
-        assert "spec.nodeSelector" in event["message"] and "zoné" in event["message"]
+        assert "metadata.labels" in event["message"] and "zoné" in event["message"]
         assert len(event["message"].encode()) <= EVENT_MESSAGE_BYTES  # cut, and posted
         time.sleep(3)  # longer than the operator's retry interval for API errors
         log = operator.log_tail(200_000)
         assert log.count("pod_refused") == 1, log[-3000:]  # one refusal, no retry loop
         assert "api_error" not in log, log[-3000:]
-        assert "422 Unprocessable Entity" in log and "spec.nodeSelector" in log, log[-3000:]
+        assert "422 Unprocessable Entity" in log and "metadata.labels" in log, log[-3000:]
         assert jobs.pods("refused") == []
     finally:
         operator.stop()
