@@ -60,9 +60,9 @@ class WorkerDefaults(_Model):
 
 
 DEFAULT_INDEX_RESOURCES = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
-DEFAULT_FINALIZE_RESOURCES = {
-    "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}
-}
+DEFAULT_FINALIZE_RESOURCES = DEFAULT_INDEX_RESOURCES
+"""Both steps stream: one core, and memory for the index's per-sequence table or the merge's
+buffers. Raise them for inputs of hundreds of millions of sequences."""
 
 
 class StepPods(_Model):

@@ -101,8 +101,11 @@ def jobs(cluster: Cluster, crd: None, admin_api: client.ApiClient, s3: S3,
     core.create_namespace({"metadata": {"name": namespace, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted"}}})
     prepare_namespace(admin_api, namespace)
+    small = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     settings = {"workerImage": WORKER_IMAGE, "progressPollSeconds": 2,
-                "workerDefaults": {"terminationGracePeriodSeconds": 30}}
+                "indexResources": small, "finalizeResources": small,  # fit a 2-core node
+                "workerDefaults": {"terminationGracePeriodSeconds": 30,
+                                   "ephemeralStorage": "100Mi"}}
     operator = Operator(cluster, admin_api, namespace, tmp_path_factory.mktemp("operator"),
                         settings).start()
     try:
