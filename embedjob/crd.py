@@ -187,27 +187,33 @@ def structural(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool =
     for key, value in node.items():
         if key in _DROP or (key == "default" and (value is None or not keep_defaults)):
             continue
-        if key == "const":
-            out["enum"] = [value]
-        elif key == "properties":
-            out[key] = {k: structural(v, defs, keep_defaults) for k, v in value.items()}
-        elif key == "items":
-            out[key] = structural(value, defs, keep_defaults)
-        elif key == "additionalProperties":
-            if isinstance(value, dict) and value:
-                out[key] = structural(value, defs, keep_defaults)
-            elif value is True or value == {}:
-                out["x-kubernetes-preserve-unknown-fields"] = True
-            # additionalProperties: false is not allowed: the API server prunes unknown
-            # fields instead, and strict field validation (kubectl's default) rejects them.
-        else:
-            out[key] = value
+        out |= _structural_key(key, value, defs, keep_defaults)
     _bound(out, "exclusiveMinimum", "minimum")
     _bound(out, "exclusiveMaximum", "maximum")
     untyped = ("x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string")
     if "type" not in out and not any(out.get(key) for key in untyped):
         raise ValueError(f"schema node without a type cannot be structural: {node}")
     return _ordered(out)
+
+
+def _structural_key(key: str, value: Any, defs: dict[str, Any],
+                    keep_defaults: bool) -> dict[str, Any]:
+    """One key of a schema node in its structural form (nothing: the key is dropped)."""
+    if key == "const":
+        return {"enum": [value]}
+    if key == "properties":
+        return {key: {k: structural(v, defs, keep_defaults) for k, v in value.items()}}
+    if key == "items":
+        return {key: structural(value, defs, keep_defaults)}
+    if key == "additionalProperties":
+        if isinstance(value, dict) and value:
+            return {key: structural(value, defs, keep_defaults)}
+        if value is True or value == {}:
+            return {"x-kubernetes-preserve-unknown-fields": True}
+        # additionalProperties: false is not allowed: the API server prunes unknown
+        # fields instead, and strict field validation (kubectl's default) rejects them.
+        return {}
+    return {key: value}
 
 
 def _merge_alternatives(node: dict[str, Any], key: str, defs: dict[str, Any]) -> dict:
