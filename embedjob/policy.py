@@ -322,8 +322,10 @@ def _avoid(h: ShardHistory, node: str | None) -> ShardHistory:
 def _admission(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:
     """The kubelet refused the pod before it ran (a GPU node whose device plugin is not ready
     yet, resources taken in a race): the shard is not at fault, so no budget of its own work
-    is spent; the pod is recreated away from that node, with a growing delay after the first
-    few, and only ``retry.nodeAdmission`` refusals without progress fail the shard."""
+    is spent; the pod is recreated at once away from that node (no delay: a refused pod has
+    no finish time to count a backoff from, and the avoided nodes already keep it from
+    looping on one node), and only ``retry.nodeAdmission`` refusals without progress fail the
+    shard."""
     counts = dict(h.failures)
     counts[f.type.value] = counts.get(f.type.value, 0) + 1
     h = _avoid(replace(h, failures=MappingProxyType(counts)), f.node)
@@ -331,9 +333,8 @@ def _admission(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bo
     if n >= spec.retry.node_admission:
         return _fail(h, f"refused by the kubelet {n} times without progress (last: "
                         f"{f.message}); check the nodes' device plugins and allocatable resources")
-    delay = 0.0 if n <= 3 else _backoff(spec, n - 3)
     away = f" away from node {f.node}" if f.node else ""
-    return _retry(h, f"refused at admission ({f.message}); recreating{away}", delay)
+    return _retry(h, f"refused at admission ({f.message}); recreating{away}")
 
 
 def _disk(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -> Decision:

@@ -113,7 +113,7 @@ def build_pod(
     if role == ROLE_WORKER:
         _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
     else:
-        _step_scheduling(pod_spec, settings, template)
+        _step_scheduling(pod_spec, settings, template, history)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -253,9 +253,11 @@ access; never its GPU/spot scheduling (they run on CPU, by default on on-demand 
 
 
 def _step_scheduling(
-    pod_spec: dict[str, Any], settings: OperatorSettings, template: dict[str, Any]
+    pod_spec: dict[str, Any], settings: OperatorSettings, template: dict[str, Any],
+    history: ShardHistory,
 ) -> None:
-    """Index/finalize pods: the operator's stepPods settings, not the workers'."""
+    """Index/finalize pods: the operator's stepPods settings, not the workers'; nodes that
+    refused an earlier attempt (admission, disk) are avoided as for workers."""
     steps = settings.step_pods
     worker = settings.worker_defaults
     values = {
@@ -269,6 +271,8 @@ def _step_scheduling(
     for key, value in values.items():
         if value:
             pod_spec[key] = copy.deepcopy(value)
+    if history.avoid_nodes:
+        pod_spec["affinity"] = avoid_nodes(pod_spec.get("affinity") or {}, history.avoid_nodes)
 
 
 def check_security(

@@ -121,3 +121,27 @@ def test_plain_text_message_keeps_its_last_line() -> None:
     failure = cls.classify(pod)
     assert failure.type is F.input_error
     assert failure.message == "embedjob: error: duplicate id 'a'; ids must be unique"
+
+
+def test_admission_refusals_through_reconcile_never_fail_the_job() -> None:
+    """Five fresh GPU nodes in a row refuse the shard (device plugin not ready): with a
+    generic budget of 1 this used to fail the job at the first refusal."""
+    from embedjob.operator.reconcile import reconcile
+    from embedjob.operator.views import IndexInfo
+
+    settings, index = OperatorSettings(), IndexInfo(shards=1, sequences=10)
+    spec = {"shards": 1, "retry": {"generic": 1}}
+    status: dict = {"phase": "Running"}
+    manifest = build_pod(job(**spec), "worker", 0, 0, ShardHistory(), settings)
+    for attempt in range(5):
+        refused = with_state(manifest, "Failed", pod_reason="UnexpectedAdmissionError",
+                             pod_message="Allocate failed: nvidia.com/gpu unavailable",
+                             node=f"gpu-{attempt}")
+        plan = reconcile(job(status, **spec), [refused], {}, T0, settings, index)
+        assert plan.status is not None and plan.status["phase"] == "Running", plan.status
+        assert [e.reason for e in plan.events] == ["RetryNodeAdmission"]
+        (manifest,) = plan.pods_to_create
+        status = plan.status
+    terms = manifest["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][-1]["values"] == [f"gpu-{i}" for i in range(5)]

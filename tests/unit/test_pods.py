@@ -163,6 +163,11 @@ def test_step_scheduling_is_overridable() -> None:
     })
     p = build_pod(job(), "index", -1, 0, FRESH, settings)["spec"]
     assert p["containers"][0]["resources"] == {"requests": {"cpu": "3"}}
+    refused = build_pod(job(), "index", -1, 1, ShardHistory(avoid_nodes=("n1",)), settings)
+    terms = refused["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"] == [
+        {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["n1"]}]
     assert p["nodeSelector"] == {"capacity": "on-demand"}
     assert p["tolerations"] == [{"key": "cpu-pool", "operator": "Exists"}]
     assert p["priorityClassName"] == "steps"
