@@ -286,9 +286,10 @@ def check_security(
     ):
         return _refused("spec.image", repr(image), "security.allowedImages")
     account = template.get("serviceAccountName")
-    if account and account != settings.worker_defaults.service_account_name and (
-        account not in sec.allowed_service_accounts
-    ):
+    # Naming the identity a pod gets anyway grants nothing: the workers' configured one, or
+    # the namespace's "default" when none is configured.
+    own = settings.worker_defaults.service_account_name or "default"
+    if account and account != own and account not in sec.allowed_service_accounts:
         return _refused("spec.template.serviceAccountName", repr(account),
                         "security.allowedServiceAccounts")
     for key, allowed, setting in (

@@ -76,6 +76,11 @@ def test_settings_allow_what_they_list(image, template) -> None:
     assert check_security(image, template, OPEN) is None
 
 
+def test_default_service_account_only_when_it_is_the_workers_own() -> None:
+    assert check_security(None, {"serviceAccountName": "default"}, OPEN) is None
+    assert check_security(None, {"serviceAccountName": "default"}, DEFAULT) is not None
+
+
 def test_listed_service_account_allowed_and_glob_is_not_a_prefix_trick() -> None:
     assert check_security(None, {"serviceAccountName": "team-a"}, OPEN) is None
     assert check_security("reg.example.evil.com/x", {}, OPEN) is not None
