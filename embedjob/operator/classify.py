@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from embedjob.attempts import committed_by
 from embedjob.failures import Failure, FailureType, TerminationMessage, classify_exit
 from embedjob.operator.views import PodView, ShardProgress
 
@@ -26,12 +27,17 @@ sizeLimit, or the node's disk pressure)."""
 
 def classify(pod: PodView) -> Failure:
     """Classify a terminated pod (or one that vanished with its node)."""
+    return classify_read(pod, TerminationMessage.from_json(pod.termination_message))
+
+
+def classify_read(pod: PodView, message: TerminationMessage | None) -> Failure:
+    """:func:`classify` with the termination message already read (it is read once, into
+    :class:`embedjob.attempts.Ended`)."""
     if pod.container_reason == "OOMKilled":
         return Failure(FailureType.host_oom, "container OOMKilled (memory limit)", node=pod.node)
     refused = kubelet_refusal(pod)
     if refused is not None:  # before the message: an evicted worker says "preempted" too
         return refused
-    message = TerminationMessage.from_json(pod.termination_message)
     if message is not None:
         return replace(classify_exit(pod.exit_code, message), node=pod.node)
     if pod.deleting and pod.exit_code == 137:
@@ -112,8 +118,6 @@ def unschedulable(pod: PodView, now: datetime, after_seconds: float) -> Failure 
 
 
 def made_progress(pod: PodView, progress: ShardProgress | None) -> bool:
-    """Did this attempt commit anything new? progress.json first, the message as fallback."""
-    if progress is not None and progress.done > pod.start_done:
-        return True
+    """Did this attempt commit anything new? progress.json or its last word."""
     message = TerminationMessage.from_json(pod.termination_message)
-    return message is not None and message.committed > pod.start_done
+    return committed_by(message, progress.done if progress else 0) > pod.start_done
