@@ -70,30 +70,8 @@ def build_pod(
     """The manifest of one attempt. Raises ConfigError for an unusable spec.template."""
     assert job.spec is not None
     spec = effective_spec(job.spec, settings)
-    template = dict(spec.template or {})
-    unknown = sorted(set(template) - TEMPLATE_KEYS)
-    if unknown:
-        allowed = ", ".join(sorted(TEMPLATE_KEYS))
-        raise ConfigError(f"spec.template: unsupported key {unknown[0]!r}; allowed: {allowed}")
-    refusal = check_security(spec.image, template, settings)
-    if refusal:
-        raise ConfigError(refusal)
+    template = _checked_template(spec, settings)
     defaults = settings.worker_defaults
-    name = pod_name(job.name, role, shard, attempt)
-    labels = {
-        **(template.get("labels") or {}),
-        LABEL_JOB: job.name,
-        LABEL_JOB_UID: job.uid,
-        LABEL_ROLE: role,
-        LABEL_SHARD: str(shard) if role == ROLE_WORKER else role,
-        LABEL_ATTEMPT: str(attempt),
-        "app.kubernetes.io/managed-by": "embedjob",
-    }
-    annotations = {**(template.get("annotations") or {}), ANN_HISTORY: history.to_json()}
-    if start_done:
-        annotations[ANN_START_DONE] = str(start_done)
-    if last_failure:
-        annotations[ANN_LAST_FAILURE] = last_failure
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # Workers never call the Kubernetes API: no token to steal from a compromised pod.
@@ -114,18 +92,53 @@ def build_pod(
         _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
     else:
         _step_scheduling(pod_spec, settings, template, history)
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": job.namespace,
-            "labels": labels,
-            "annotations": annotations,
-            "ownerReferences": [owner_reference(job)],
-        },
-        "spec": pod_spec,
+    metadata = _metadata(job, role, shard, attempt, template)
+    metadata["annotations"] |= _annotations(history, start_done, last_failure)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _checked_template(spec: EmbeddingJobSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """spec.template, refused with one line when it asks for what is not allowed."""
+    template = dict(spec.template or {})
+    unknown = sorted(set(template) - TEMPLATE_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(TEMPLATE_KEYS))
+        raise ConfigError(f"spec.template: unsupported key {unknown[0]!r}; allowed: {allowed}")
+    refusal = check_security(spec.image, template, settings)
+    if refusal:
+        raise ConfigError(refusal)
+    return template
+
+
+def _metadata(job: JobView, role: str, shard: int, attempt: int,
+              template: dict[str, Any]) -> dict[str, Any]:
+    labels = {
+        **(template.get("labels") or {}),
+        LABEL_JOB: job.name,
+        LABEL_JOB_UID: job.uid,
+        LABEL_ROLE: role,
+        LABEL_SHARD: str(shard) if role == ROLE_WORKER else role,
+        LABEL_ATTEMPT: str(attempt),
+        "app.kubernetes.io/managed-by": "embedjob",
     }
+    return {
+        "name": pod_name(job.name, role, shard, attempt),
+        "namespace": job.namespace,
+        "labels": labels,
+        "annotations": dict(template.get("annotations") or {}),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def _annotations(history: ShardHistory, start_done: int,
+                 last_failure: str | None) -> dict[str, str]:
+    """What the attempt carries for the next reconcile: its history and where it began."""
+    out = {ANN_HISTORY: history.to_json()}
+    if start_done:
+        out[ANN_START_DONE] = str(start_done)
+    if last_failure:
+        out[ANN_LAST_FAILURE] = last_failure
+    return out
 
 
 def owner_reference(job: JobView) -> dict[str, Any]:
