@@ -33,9 +33,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(_args: argparse.Namespace) -> int:
+    import signal
+
+    # Importing numpy and the worker takes seconds on a busy node: a SIGTERM meanwhile must
+    # still end in exit 143 and a termination message, not in the default action.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     from embedjob.worker.runner import main
 
-    return main()
+    return main(signalled=early)
 
 
 def _spec_from_env_or_file(path: str | None) -> tuple[object, str]:

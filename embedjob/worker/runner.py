@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -352,10 +352,14 @@ def _leave_at_once(stage: str) -> None:
     os._exit(Preempted.exit_code)
 
 
-def main(env: Mapping[str, str] | None = None) -> int:
-    """Entry point of ``embedjob worker``: returns the exit code."""
+def main(env: Mapping[str, str] | None = None, signalled: Sequence[int] = ()) -> int:
+    """Entry point of ``embedjob worker``: returns the exit code. ``signalled``: stop signals
+    recorded while the worker's modules were still being imported (read after the real
+    handler is in place, so none falls between the two)."""
     attempt = Attempt()
     stop = install_stop_handler()
+    if signalled:
+        stop.flag.set()  # honoured on entering the first stage
     try:
         cfg = config_from_env(env if env is not None else os.environ)
         bind(job=cfg.job or None, shard=cfg.shard, attempt=cfg.attempt)
