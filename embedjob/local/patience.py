@@ -10,20 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from embedjob.times import duration
+
+__all__ = ["DEFAULT_OUTAGE_SECONDS", "Patience", "duration"]
+
 DEFAULT_OUTAGE_SECONDS = 600.0
 """How long ``embedjob run`` rides out a storage outage before stopping (``--storage-patience``)."""
 FIRST_RETRY_SECONDS = 2.0
 MAX_RETRY_SECONDS = 60.0
-
-
-def duration(seconds: float) -> str:
-    """'45s', '3m05s', '1h02m'."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @dataclass

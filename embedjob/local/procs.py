@@ -42,3 +42,15 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes]], deadline: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def default_workers(shards: int) -> tuple[int, int, int]:
+    """(workers, GPUs, threads per worker): one per GPU, else a split of the cores."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus:
+        return min(gpus, shards), gpus, max(1, (os.cpu_count() or 1) // gpus)
+    cores = os.cpu_count() or 1
+    threads = 4 if cores >= 8 else cores
+    return max(1, min(shards, cores // threads)), 0, threads

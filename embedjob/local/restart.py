@@ -15,7 +15,8 @@ from typing import Any
 from embedjob import layout
 from embedjob.failures import ConfigError, EmbedjobError
 from embedjob.local.scheduler import Shard
-from embedjob.spec import Phase, ShardState
+from embedjob.spec import EmbeddingJobStatus, Phase, ShardState
+from embedjob.status import expand_manifest, history_from_entry
 from embedjob.store import Store
 
 JOB_PREFIXES = ("index/", "shards/")
@@ -36,34 +37,44 @@ def plan_restore(shards: list[Shard], previous: dict[str, Any] | None,
     """Carry attempt numbers (part names never collide), failure counts and learned
     overrides over from an earlier run. A Failed job is refused unless ``retry_failed``,
     which gives its failed shards a fresh failure budget."""
-    if previous is None:
+    status = _status(previous)
+    if status is None:
         return shards
-    failed = [e for e in previous.get("manifest", []) if e.get("state") == ShardState.failed]
-    if previous.get("phase") == Phase.failed and failed and not retry_failed:
+    entries = expand_manifest(status, lambda shard, attempt: "")
+    failed = sorted((e for e in entries.values() if e.state == ShardState.failed),
+                    key=lambda e: e.shard)
+    if status.phase == Phase.failed and failed and not retry_failed:
         first = failed[0]
-        reason = (first.get("lastFailure") or {}).get("message", "") or previous.get("message", "")
+        reason = (first.last_failure.message if first.last_failure else "") or status.message
         raise ConfigError(
             f"this job failed earlier ({len(failed)} failed shard(s), first: shard "
-            f"{first.get('shard')}: {reason[:200]}): run again with --retry-failed to retry "
+            f"{first.shard}: {reason[:200]}): run again with --retry-failed to retry "
             "those shards, or --restart to start over"
         )
-    for entry in previous.get("manifest", []):
-        k = entry.get("shard")
-        if not isinstance(k, int) or not 0 <= k < len(shards):
-            continue
-        s = shards[k]
-        if s.state == ShardState.succeeded:
-            continue
-        reset = retry_failed and entry.get("state") == ShardState.failed
-        failures = {} if reset else {str(a): int(b) for a, b in
-                                     (entry.get("failures") or {}).items()}
-        s.history = replace(
-            s.history, attempts=int(entry.get("attempt", 0)) + 1,
-            failures=MappingProxyType(failures),
-            max_tokens=entry.get("batchTokens") or s.history.max_tokens,
-            precision=entry.get("precision") or s.history.precision,
-        )
+    for k, entry in entries.items():
+        if 0 <= k < len(shards) and shards[k].state != ShardState.succeeded:
+            history = history_from_entry(entry)
+            if retry_failed and entry.state == ShardState.failed:
+                history = replace(history, failures=MappingProxyType({}))
+            shards[k].history = history
     return shards
+
+
+def _status(previous: dict[str, Any] | None) -> EmbeddingJobStatus | None:
+    """The earlier status, leniently: one this version cannot read is no status."""
+    if previous is None:
+        return None
+    manifest = [_entry(e) for e in previous.get("manifest") or [] if isinstance(e, dict)]
+    try:
+        return EmbeddingJobStatus.model_validate({**previous, "manifest": manifest})
+    except ValueError:
+        return None
+
+
+def _entry(raw: dict[str, Any]) -> dict[str, Any]:
+    """An entry written before failures carried their time still tells its story."""
+    last = raw.get("lastFailure")
+    return {**raw, "lastFailure": {"time": "", **last}} if isinstance(last, dict) else raw
 
 
 def job_keys(store: Store) -> list[str]:

@@ -21,27 +21,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedjob import layout
-from embedjob.failures import (
-    EmbedjobError,
-    Failure,
-    FailureType,
-    StorageError,
-    TerminationMessage,
-    TransientStorageError,
-    classify_exit,
-)
+from embedjob.attempts import Ended, attempt_env, from_process
+from embedjob.failures import EmbedjobError, FailureType, StorageError, TransientStorageError
 from embedjob.liveness import DEFAULT_STUCK_AFTER, Beat, beat_interval, verdict
 from embedjob.local.lease import Lease, OutputInUse
 from embedjob.local.patience import DEFAULT_OUTAGE_SECONDS, Patience
-from embedjob.local.procs import die_with_parent, stop_all
+from embedjob.local.procs import default_workers, die_with_parent, stop_all
 from embedjob.local.restart import discard, plan_restore, previous_status
-from embedjob.local.scheduler import Outcome, Shard, finish, ready, start, status_of
+from embedjob.local.scheduler import Shard, ready, record, start, status_of
 from embedjob.local.view import View, index_notes, plural
 from embedjob.logs import log
-from embedjob.policy import worker_env
+from embedjob.progress import parse_heartbeat, parse_progress
 from embedjob.repair import check_and_reset
-from embedjob.spec import EmbeddingJob, Phase, ShardState, dump_spec
+from embedjob.spec import EmbeddingJob, EmbeddingJobStatus, Phase, ShardState
+from embedjob.status import dump_status
 from embedjob.store import Store, open_store
+from embedjob.times import from_epoch
 from embedjob.worker.failpoints import Failpoints
 from embedjob.worker.index import run_index
 
@@ -65,18 +60,6 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def default_workers(shards: int) -> tuple[int, int, int]:
-    """(workers, GPUs, threads per worker): one per GPU, else a split of the cores."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if gpus:
-        return min(gpus, shards), gpus, max(1, (os.cpu_count() or 1) // gpus)
-    cores = os.cpu_count() or 1
-    threads = 4 if cores >= 8 else cores
-    return max(1, min(shards, cores // threads)), 0, threads
 
 
 @dataclass
@@ -106,6 +89,8 @@ class LocalRun:
         self.beat_interval = beat_interval(self.store.uri)
         self.lease = Lease(self.store)
         self.tmp = Path(tempfile.mkdtemp(prefix="embedjob-run-"))
+        self.status = EmbeddingJobStatus()
+        """The last status written: its conditions keep their transition times."""
 
     # --- lifecycle
     def run(self) -> int:
@@ -217,15 +202,11 @@ class LocalRun:
         tlog = self.tmp / f"{shard.index:05d}-{attempt}.termination"
         env = {
             **os.environ,
-            "EMBEDJOB_SPEC": json.dumps(dump_spec(self.spec)),
-            "EMBEDJOB_JOB": self.job.metadata.name,
-            "EMBEDJOB_SHARD": str(shard.index),
-            "EMBEDJOB_ATTEMPT": str(attempt),
-            "EMBEDJOB_TERMINATION_LOG": str(tlog),
+            **attempt_env(self.spec, self.job.metadata.name, shard.index, attempt,
+                          shard.history, str(tlog)),
             "EMBEDJOB_HEARTBEAT_SECONDS": str(self.beat_interval),
             # A user's own OMP_NUM_THREADS wins over the runner's split of the cores.
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads),
-            **worker_env(shard.history),
         }
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
@@ -250,40 +231,38 @@ class LocalRun:
             del self.running[index]
             self._read_progress_of(run.shard)
             run.shard.in_flight, run.shard.rate, run.shard.stage = 0, 0.0, ""
-            if code != 0 and self._exists(layout.shard_done(index)):
-                code = 0  # it published the shard, then a signal cut its exit short
-            failure = self._failure(run, code)
-            progressed = run.shard.done > run.committed_before
-            if self.stopping and failure is not None:
+            ended = self._ended(run, code, now)
+            if ended.failure is not None and self.stopping:
                 run.shard.state = ShardState.pending
                 continue
-            if self._outage_spares(run.shard, failure, now):
+            if self._outage_spares(run.shard, ended, now):
                 continue
-            outcome, reason = finish(self.spec, run.shard, failure, progressed, now)
-            if outcome is Outcome.succeeded:
+            settled = record(self.spec, run.shard, ended, now)
+            if settled.decision is None:
                 self.view.event(f"shard {index}: done")
-            else:
-                kind = failure.type.value if failure else ""
-                self.view.event(f"shard {index}: {kind.replace('_', ' ')} — {outcome.value}: "
-                                f"{reason}")
-                log("shard.failure", shard=index, type=kind, decision=outcome.value, reason=reason)
+                continue
+            kind = settled.failure_type.value if settled.failure_type else ""
+            decision = "failed" if settled.state == ShardState.failed else "retry"
+            self.view.event(f"shard {index}: {kind.replace('_', ' ')} — {decision}: "
+                            f"{settled.reason}")
+            log("shard.failure", shard=index, type=kind, decision=decision,
+                reason=settled.reason)
 
-    def _failure(self, run: Running, code: int) -> Failure | None:
-        if code == 0:
-            return None
-        if run.stuck:
-            return Failure(FailureType.stuck, f"{run.stuck}; worker replaced")
+    def _ended(self, run: Running, code: int, now: float) -> Ended:
+        """How the process ended, read once (the shared core's record of it)."""
         text = run.termination_log.read_text() if run.termination_log.exists() else ""
-        message = TerminationMessage.from_json(text)
-        failure = classify_exit(code, message)
-        if message is None:
-            return replace(failure, message=self._log_tail(run))
-        run.shard.done = max(run.shard.done, message.committed)
-        return failure
+        published = code != 0 and self._exists(layout.shard_done(run.shard.index))
+        ended = from_process(run.attempt, code, text, finished=from_epoch(now),
+                             start_done=run.committed_before, seen_done=run.shard.done,
+                             published=published, stuck=run.stuck,
+                             log_tail=self._log_tail(run))
+        run.shard.done = max(run.shard.done, ended.committed)
+        return ended
 
-    def _outage_spares(self, shard: Shard, failure: Failure | None, now: float) -> bool:
+    def _outage_spares(self, shard: Shard, ended: Ended, now: float) -> bool:
         """A worker's storage failure while the runner sees the store down itself is the
         outage's, not the shard's: wait for the store, spend no retry budget."""
+        failure = ended.failure
         if failure is None or failure.type != FailureType.storage_error or not failure.transient:
             return False
         if self.patience.since is None:
@@ -301,8 +280,7 @@ class LocalRun:
     def _log_tail(self, run: Running) -> str:
         path = self.tmp / f"{run.shard.index:05d}-{run.attempt}.log"
         lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-        last = lines[-1] if lines else ""
-        return f"worker exited with code {run.proc.returncode}: {last[-300:]}"
+        return lines[-1] if lines else ""
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.step != "embedding":
@@ -321,30 +299,29 @@ class LocalRun:
     # --- progress, liveness and status
     def _read_progress_of(self, shard: Shard) -> None:
         try:
-            doc = json.loads(self.store.read_bytes(layout.shard_progress(shard.index)))
-            shard.done = max(shard.done, int(doc.get("done", shard.done)))
-        except (EmbedjobError, ValueError, TypeError):
+            record = parse_progress(shard.index,
+                                    self.store.read_bytes(layout.shard_progress(shard.index)))
+        except EmbedjobError:
             return
+        if record is not None:
+            shard.done = max(shard.done, record.done)
 
     def _read_heartbeat(self, run: Running, now: float) -> None:
         try:
-            doc = json.loads(self.store.read_bytes(layout.shard_heartbeat(run.shard.index)))
-        except (EmbedjobError, ValueError):
+            doc = parse_heartbeat(self.store.read_bytes(layout.shard_heartbeat(run.shard.index)))
+        except EmbedjobError:
             return
-        if not isinstance(doc, dict) or doc.get("attempt") != run.attempt:
+        if doc is None or doc.attempt != run.attempt:
             return  # an earlier attempt's beat says nothing about this one
         beat = run.beat
-        if doc.get("beat") != run.beat_value:
-            run.beat_value, beat = doc.get("beat"), replace(beat, seen_at=now)
-        stage = str(doc.get("stage", beat.stage))
-        if stage != beat.stage:
-            beat = replace(beat, stage=stage, stage_since=now)
-        run.beat = replace(beat, slowest_pass=float(doc.get("slowestPass") or 0.0))
+        if doc.beat != run.beat_value:
+            run.beat_value, beat = doc.beat, replace(beat, seen_at=now)
+        if doc.stage != beat.stage:
+            beat = replace(beat, stage=doc.stage, stage_since=now)
+        run.beat = replace(beat, slowest_pass=doc.slowest_pass)
         s = run.shard
-        embedded = int(doc.get("committedAtStart") or 0) + int(doc.get("embedded") or 0)
-        s.in_flight = max(0, embedded - s.done)
-        s.rate, s.stage = float(doc.get("rate") or 0.0), stage
-        s.resumed_at = int(doc.get("committedAtStart") or 0)
+        s.in_flight = max(0, doc.in_flight_total - s.done)
+        s.rate, s.stage, s.resumed_at = doc.rate, doc.stage, doc.committed_at_start
 
     def _read_progress(self) -> None:
         now = time.time()
@@ -404,9 +381,9 @@ class LocalRun:
             return
 
     def _write_status(self, shards: list[Shard], phase: Phase, message: str = "") -> None:
-        status = status_of(shards, phase, message)
-        data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        self.store.write_bytes(layout.STATUS, json.dumps(data, indent=1).encode())
+        status = status_of(shards, phase, message, job=self.job.metadata.name, old=self.status)
+        self.store.write_bytes(layout.STATUS, json.dumps(dump_status(status), indent=1).encode())
+        self.status = status
 
 
 def run_job(job: EmbeddingJob, options: RunOptions | None = None) -> int:

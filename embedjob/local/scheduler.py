@@ -1,20 +1,22 @@
-"""The local runner's bookkeeping, as plain data and pure functions.
+"""The local runner's bookkeeping: its shards as records, on the shared lifecycle core.
 
-The process handling lives in :mod:`embedjob.local.runner`; here are the decisions: which
-shard starts next, what a finished attempt means, and the status document.
+What an ended attempt means is :func:`embedjob.attempts.settle`'s (the operator's too), and
+the status document is :func:`embedjob.status.job_status`'s; here is only what is the local
+runner's own: which shard starts next, and its shard records (which the runner owns and
+updates in place: :func:`start` and :func:`record` are the only writers).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from embedjob.attempts import Ended, Settled, settle
 from embedjob.failures import Failure
-from embedjob.policy import ShardHistory, decide
-from embedjob.ranges import format_ranges
+from embedjob.policy import ShardHistory
 from embedjob.spec import (
-    Condition,
     EmbeddingJobSpec,
     EmbeddingJobStatus,
     LastFailure,
@@ -23,6 +25,8 @@ from embedjob.spec import (
     ShardEntry,
     ShardState,
 )
+from embedjob.status import Count, Outline, attempt_name, job_progress, job_status, shard_entry
+from embedjob.times import from_epoch
 
 
 class Outcome(str, Enum):
@@ -71,75 +75,70 @@ def start(shard: Shard) -> int:
     return attempt
 
 
+def record(spec: EmbeddingJobSpec, shard: Shard, ended: Ended, now: float) -> Settled:
+    """Settle an ended attempt (the shared core) and write the answer into the shard."""
+    settled = settle(spec, shard.history, ended, from_epoch(now))
+    if settled.state == ShardState.succeeded:
+        shard.state, shard.done = ShardState.succeeded, shard.total
+        return settled
+    shard.history, shard.reason, shard.state = settled.history, settled.reason, settled.state
+    shard.last_failure = settled.last_failure
+    shard.not_before = settled.not_before.timestamp() if settled.not_before else now
+    return settled
+
+
 def finish(spec: EmbeddingJobSpec, shard: Shard, failure: Failure | None,
            made_progress: bool, now: float) -> tuple[Outcome, str]:
-    """Apply the policy to a finished attempt (``failure`` None: exit 0)."""
-    if failure is None:
-        shard.state, shard.done = ShardState.succeeded, shard.total
-        return Outcome.succeeded, "shard complete"
-    shard.last_failure = LastFailure(
-        type=failure.type.value, message=failure.message[:300],
-        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+    """:func:`record` for a failure already classified (``None``: exit 0)."""
+    ended = Ended(shard.attempt, failure, from_epoch(now), committed=int(made_progress))
+    settled = record(spec, shard, ended, now)
+    return _OUTCOMES[settled.state], settled.reason
+
+
+_OUTCOMES = {ShardState.succeeded: Outcome.succeeded, ShardState.failed: Outcome.failed,
+             ShardState.pending: Outcome.retry, ShardState.backoff: Outcome.retry}
+
+
+def progress_of(shards: Sequence[Shard]) -> Progress:
+    return job_progress(
+        Count(done=s.done, total=s.total, in_flight=s.in_flight,
+              rate=s.rate if s.state == ShardState.running else 0.0)
+        for s in shards
     )
-    decision = decide(spec, shard.history, failure, made_progress)
-    shard.history, shard.reason = decision.history, decision.reason
-    if not decision.retry:
-        shard.state = ShardState.failed
-        return Outcome.failed, decision.reason
-    shard.state = ShardState.backoff if decision.delay_seconds > 0 else ShardState.pending
-    shard.not_before = now + decision.delay_seconds
-    return Outcome.retry, decision.reason
 
 
-def _eta(seconds: float | None) -> str | None:
-    if seconds is None:
+def entry_of(job: str, shard: Shard) -> ShardEntry | None:
+    """The shard's status entry, as the operator writes it for the same events: a retry
+    due now names the attempt about to start (the operator has created its pod)."""
+    if shard.state == ShardState.succeeded:
         return None
-    h, rem = divmod(int(seconds), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+    started = shard.history.attempts
+    if shard.state == ShardState.pending and not started:
+        return None  # not started yet: no entry (the operator has none before its pod)
+    attempt = started if shard.state == ShardState.pending else max(started - 1, 0)
+    entry = shard_entry(None, shard.index, shard.state, attempt=attempt,
+                        name=attempt_name(job, "worker", shard.index, attempt) if started
+                        else None, history=shard.history, done=shard.done, total=shard.total,
+                        last_failure=shard.last_failure)
+    if shard.state == ShardState.backoff:
+        return entry.model_copy(update={"not_before": _rfc3339(shard.not_before)})
+    return entry
 
 
-def progress_of(shards: list[Shard]) -> Progress:
-    total = sum(s.total for s in shards)
-    done = sum(s.done for s in shards)
-    rate = sum(s.rate for s in shards if s.state == ShardState.running)
-    left = max(0, total - done - sum(s.in_flight for s in shards))
-    eta = left / rate if rate > 0 else None
-    return Progress(
-        done=done, total=total, percent=round(100.0 * done / total, 2) if total else 0.0,
-        rate=round(rate, 2), eta_seconds=round(eta, 1) if eta is not None else None, eta=_eta(eta),
-    )
+def _rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def status_of(shards: list[Shard], phase: Phase, message: str = "") -> EmbeddingJobStatus:
+def status_of(shards: list[Shard], phase: Phase, message: str = "", *, job: str = "",
+              old: EmbeddingJobStatus | None = None,
+              now: float | None = None) -> EmbeddingJobStatus:
     """The EmbeddingJob status the operator would report for the same state."""
-    done = [s.index for s in shards if s.state == ShardState.succeeded]
-    failed = [s.index for s in shards if s.state == ShardState.failed]
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    finished = phase in (Phase.succeeded, Phase.failed)
-    conditions = [
-        Condition(type="Complete", status="True" if phase == Phase.succeeded else "False",
-                  reason=phase.value, message=message, last_transition_time=now),
-        Condition(type="Failed", status="True" if phase == Phase.failed else "False",
-                  reason=phase.value, message=message if phase == Phase.failed else "",
-                  last_transition_time=now),
-    ]
-    return EmbeddingJobStatus(
-        phase=phase,
-        conditions=conditions if finished else [],
-        progress=progress_of(shards),
-        shards_ready=f"{len(done)}/{len(shards)}",
-        shards_done=format_ranges(done),
-        shards_failed=format_ranges(failed),
-        shard_count=len(shards),
-        manifest=[
-            ShardEntry(
-                shard=s.index, state=s.state, attempt=s.attempt, done=s.done, total=s.total,
-                batch_tokens=s.history.max_tokens, precision=s.history.precision,
-                failures=dict(s.history.failures), last_failure=s.last_failure,
-                quarantined=len(s.history.quarantined),
-            )
-            for s in shards
-            if s.state != ShardState.succeeded
-        ],
-        message=message,
+    entries = tuple(e for e in (entry_of(job, s) for s in shards) if e is not None)
+    outline = Outline(
+        phase=phase, message=message, shard_count=len(shards),
+        done=frozenset(s.index for s in shards if s.state == ShardState.succeeded),
+        failed=frozenset(s.index for s in shards if s.state == ShardState.failed),
+        entries=entries, progress=progress_of(shards),
     )
+    when = from_epoch(now if now is not None else time.time())
+    return job_status(outline, old or EmbeddingJobStatus(), when)
