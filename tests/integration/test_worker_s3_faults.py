@@ -164,7 +164,7 @@ def chaos(fasta: Path, reference, tmp: Path, bucket, interruptions: int, seed: i
             time.sleep(rng.uniform(0, 0.5))
             mode = "after_commits"
         else:
-            stop_in(worker.proc, rng.uniform(0, 10))
+            stop_in(worker.proc, rng.uniform(0, 30))  # long enough to reach publish at times
             mode = "at_random_time"
         sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
         if worker.proc.poll() is None:
