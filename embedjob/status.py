@@ -267,3 +267,19 @@ def dump_status(status: EmbeddingJobStatus) -> dict[str, Any]:
         for e in status.manifest
     ]
     return data
+
+
+def shard_state_counts(status: Mapping[str, Any]) -> dict[str, int]:
+    """Shards by state from a status document: the range strings count, the capped
+    manifest only refines the started ones (for the operator's metrics)."""
+    entries = {e.get("shard"): e.get("state", "Pending") for e in status.get("manifest") or []}
+    started: set[int] = set()
+    for ranges in (status.get("shardAttempts") or {}).values():
+        started |= range_set(ranges)
+    running = range_set(status.get("shardsRunning"))
+    states: dict[str, int] = {"Running": len(running)}
+    for shard in started - running:
+        state = entries.get(shard, "Pending")
+        states[state] = states.get(state, 0) + 1
+    states["Succeeded"] = len(range_set(status.get("shardsDone")))
+    return states

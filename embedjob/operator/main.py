@@ -24,11 +24,11 @@ import kopf
 from embedjob import layout
 from embedjob.operator import kube, metrics
 from embedjob.operator.config import OperatorSettings, load_settings
-from embedjob.operator.pods import pod_name
-from embedjob.operator.reconcile import Plan, parse_ranges, reconcile, refused
+from embedjob.operator.observe import ended_attempts, past_index
+from embedjob.operator.reconcile import Plan, reconcile, refused
+from embedjob.operator.steps import Event
 from embedjob.operator.views import (
     LABEL_JOB_UID,
-    ROLE_INDEX,
     ROLE_WORKER,
     IndexInfo,
     JobView,
@@ -40,10 +40,11 @@ from embedjob.operator.views import (
     progress_view,
     status_view,
 )
+from embedjob.ranges import range_set
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
+from embedjob.status import shard_state_counts
 
 log = logging.getLogger("embedjob.operator")
-SETTINGS: OperatorSettings = OperatorSettings()
 LOOPS: dict[str, JobLoop] = {}
 PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
@@ -60,7 +61,7 @@ EXPECT_SECONDS = 60.0
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -69,7 +70,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True  # no CRD/namespace watching: see rbac.py
     settings.posting.enabled = False  # our own Events, one per decision
     settings.watching.server_timeout = 300
-    metrics.serve(SETTINGS.metrics_port)
+    metrics.serve(memo.settings.metrics_port)
 
 
 @kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
@@ -91,9 +92,10 @@ def job_changed(uid: str, **_: Any) -> None:
 
 @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0)
 async def job_daemon(
-    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, pods_by_job: kopf.Index, **_: Any
+    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, pods_by_job: kopf.Index,
+    memo: kopf.Memo, **_: Any
 ) -> None:
-    loop = LOOPS.setdefault(uid, JobLoop(uid))
+    loop = LOOPS.setdefault(uid, JobLoop(uid, memo.settings))
     try:
         await loop.run(body, pods_by_job, stopped)
     finally:
@@ -106,8 +108,8 @@ async def job_daemon(
 
 
 class JobLoop:
-    def __init__(self, uid: str) -> None:
-        self.uid = uid
+    def __init__(self, uid: str, settings: OperatorSettings) -> None:
+        self.uid, self.settings = uid, settings
         self.wake = asyncio.Event()
         self.posted: set[str] = set()
         self.patched: dict[str, Any] | None = None
@@ -148,7 +150,7 @@ class JobLoop:
             await self.read_progress(job, pods)
             await self.read_ended(job, pods)
         now = datetime.now(timezone.utc)
-        plan = reconcile(job, pods, self.progress, now, SETTINGS, self.index)
+        plan = reconcile(job, pods, self.progress, now, self.settings, self.index)
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -157,7 +159,7 @@ class JobLoop:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
         if self.pending_status is not None:
-            wait = min(wait, max(0.0, SETTINGS.status_interval_seconds - self.since_patch()))
+            wait = min(wait, max(0.0, self.settings.status_interval_seconds - self.since_patch()))
         return max(wait, 0.05)
 
     pending_status: dict[str, Any] | None = None
@@ -211,7 +213,7 @@ class JobLoop:
             if event.key in self.posted:
                 continue
             self.posted.add(event.key)
-            _count_decision(event.reason)
+            _count_decision(event)
             if event.gpu_seconds_lost:
                 metrics.PREEMPTED_GPU_SECONDS.inc(event.gpu_seconds_lost)
             log.info(json.dumps({"job": job.name, "event": event.reason,
@@ -220,11 +222,11 @@ class JobLoop:
         if plan.status is not None:
             self.pending_status = plan.status
             PHASES[self.uid] = plan.status.get("phase", "Pending")
-            SHARD_STATES[self.uid] = _shard_states(plan.status)
+            SHARD_STATES[self.uid] = shard_state_counts(plan.status)
             metrics.set_job_phases(PHASES)
             metrics.set_shard_states(SHARD_STATES)
         if self.pending_status is not None and (
-            plan.status_urgent or self.since_patch() >= SETTINGS.status_interval_seconds
+            plan.status_urgent or self.since_patch() >= self.settings.status_interval_seconds
         ):
             await self.flush(job)
         return refusals[0] if refusals else None
@@ -244,10 +246,7 @@ class JobLoop:
         """Read index/summary.json once the index step has finished (one GET, then cached)."""
         if self.index is not None:
             return
-        past_index = job.status.phase.value in ("Running", "Merging", "Suspended") or any(
-            p.role != ROLE_INDEX or p.phase == "Succeeded" for p in pods
-        )
-        if not past_index:
+        if not past_index(job, pods):
             return
         assert job.spec is not None
         loop = asyncio.get_running_loop()
@@ -265,11 +264,12 @@ class JobLoop:
     async def read_progress(
         self, job: JobView, pods: list[PodView], only: list[int] | None = None
     ) -> None:
-        if only is None and time.monotonic() - self.progress_at < SETTINGS.progress_poll_seconds:
+        poll = self.settings.progress_poll_seconds
+        if only is None and time.monotonic() - self.progress_at < poll:
             return
         self.progress_at = time.monotonic()
         assert job.spec is not None
-        done = parse_ranges(job.status.shards_done)
+        done = range_set(job.status.shards_done)
         wanted = only if only is not None else sorted(
             {p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
         try:
@@ -290,26 +290,6 @@ class JobLoop:
                     self.finished_cache.add(shard)
 
 
-def ended_attempts(job: JobView, pods: list[PodView]) -> dict[str, int]:
-    """Pod name -> shard of worker attempts that failed or vanished (their pod is gone)."""
-    out = {p.name: p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Failed"}
-    present = {p.name for p in pods}
-    for name, shard in _started(job).items():
-        if name not in present:
-            out[name] = shard
-    return out
-
-
-def _started(job: JobView) -> dict[str, int]:
-    """Pod name -> shard of every started, unfinished shard's current attempt (status)."""
-    out = {e.pod: e.shard for e in job.status.manifest if e.shard >= 0 and e.pod}
-    for key, ranges in job.status.shard_attempts.items():
-        with contextlib.suppress(ValueError):
-            attempt = int(key)
-            out |= {pod_name(job.name, ROLE_WORKER, s, attempt): s for s in parse_ranges(ranges)}
-    return out
-
-
 def _read_progress(store: Any, shard: int) -> ShardProgress | None:
     try:
         return progress_view(shard, store.read_bytes(layout.shard_progress(shard)))
@@ -326,27 +306,14 @@ def _read_index(spec: Any) -> IndexInfo | None:
         return None
 
 
-def _count_decision(reason: str) -> None:
-    if reason.startswith("Retry"):
-        kind = "".join("_" + c.lower() if c.isupper() else c for c in reason[5:]).lstrip("_")
-        metrics.RETRIES.labels(failure_type=kind).inc()
-    elif reason == "ShardFailed":
-        metrics.FAILED_SHARDS.labels(failure_type="any").inc()
-
-
-def _shard_states(status: Mapping[str, Any]) -> dict[str, int]:
-    """Counts from the range strings; the capped manifest only refines the rest."""
-    entries = {e.get("shard"): e.get("state", "Pending") for e in status.get("manifest") or []}
-    started: set[int] = set()
-    for ranges in (status.get("shardAttempts") or {}).values():
-        started |= parse_ranges(ranges)
-    running = parse_ranges(status.get("shardsRunning"))
-    states: dict[str, int] = {"Running": len(running)}
-    for shard in started - running:
-        state = entries.get(shard, "Pending")
-        states[state] = states.get(state, 0) + 1
-    states["Succeeded"] = len(parse_ranges(status.get("shardsDone")))
-    return states
+def _count_decision(event: Event) -> None:
+    """Metrics read the failure type from the decision, never from the Event's words."""
+    if event.failure_type is None:
+        return
+    if event.reason == "ShardFailed":
+        metrics.FAILED_SHARDS.labels(failure_type=event.failure_type.value).inc()
+    elif event.reason.startswith("Retry"):
+        metrics.RETRIES.labels(failure_type=event.failure_type.value).inc()
 
 
 def job_status_dict(job: JobView) -> dict[str, Any]:
@@ -375,11 +342,10 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 
 def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
     """Run the operator until interrupted; cluster-wide unless namespaces are given."""
-    global SETTINGS
-    SETTINGS = load_settings(config_path)
+    settings = load_settings(config_path)
     _json_logs()
-    names = list(namespaces or SETTINGS.namespaces)
-    port = SETTINGS.liveness_port
+    names = list(namespaces or settings.namespaces)
+    port = settings.liveness_port
     liveness = f"http://0.0.0.0:{port}/healthz" if port else None
     kube.connect()
     kopf.run(
@@ -387,6 +353,7 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
         clusterwide=not names,
         namespaces=names,
         liveness_endpoint=liveness,
+        memo=kopf.Memo(settings=settings),
     )
     return 0
 

@@ -11,9 +11,11 @@ from operator_helpers import T0, job, with_state
 from embedjob.failures import TerminationMessage
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import build_pod
-from embedjob.operator.reconcile import MANIFEST_CAP, format_ranges, parse_ranges, reconcile
+from embedjob.operator.reconcile import MANIFEST_CAP, reconcile
 from embedjob.operator.views import IndexInfo, ShardProgress
 from embedjob.policy import ShardHistory
+from embedjob.ranges import format_ranges
+from embedjob.ranges import range_set as parse_ranges
 
 S = OperatorSettings()
 IDX = IndexInfo(shards=3, sequences=30)

@@ -1,0 +1,132 @@
+"""Observe: a job's pods sorted into buckets once, and an ended pod read once. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from embedjob.attempts import Ended, committed_by
+from embedjob.failures import Failure, TerminationMessage
+from embedjob.operator import classify as cls
+from embedjob.operator.config import OperatorSettings
+from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
+from embedjob.operator.views import IndexInfo, JobView, PodView
+from embedjob.progress import ShardProgress
+from embedjob.ranges import range_set
+from embedjob.spec import EmbeddingJobSpec, Phase, ShardEntry
+from embedjob.status import attempt_name, expand_manifest
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything one reconcile pass decides from, sorted once."""
+
+    job: JobView
+    spec: EmbeddingJobSpec
+    settings: OperatorSettings
+    now: datetime
+    pods: tuple[PodView, ...]
+    latest: Mapping[tuple[str, int], PodView]
+    """The newest attempt of each unit (role, shard)."""
+    stale: tuple[str, ...]
+    """Older attempts' terminated pods: history once a newer one exists."""
+    done: frozenset[int]
+    failed: frozenset[int]
+    entries: Mapping[int, ShardEntry]
+    """The stored manifest, summarised shards re-derived."""
+    progress: Mapping[int, ShardProgress]
+    index: IndexInfo | None
+    indexed: bool
+    """The index step is behind us (its pod succeeded, or shards have started)."""
+
+    @property
+    def shards(self) -> int | None:
+        """The effective shard count, once the index summary is read."""
+        return self.index.shards if self.index is not None else None
+
+    @property
+    def active_workers(self) -> int:
+        return sum(1 for p in self.pods if p.role == ROLE_WORKER and p.active)
+
+    @property
+    def stoppable(self) -> tuple[str, ...]:
+        """Running pods not being deleted yet."""
+        return tuple(p.name for p in self.pods if p.active and not p.deleting)
+
+
+def observe(
+    job: JobView, pods: list[PodView], progress: Mapping[int, ShardProgress], now: datetime,
+    settings: OperatorSettings, index: IndexInfo | None,
+) -> World:
+    spec = job.spec
+    assert spec is not None
+    old = job.status
+    latest = _latest(pods)
+    stale = tuple(p.name for p in pods if latest[(p.role, p.shard)].name != p.name
+                  and p.terminated and not p.deleting)
+    limit = index.shards if index is not None else spec.shards
+    done = {s for s in range_set(old.shards_done) | _succeeded_workers(pods) if s < limit}
+    entries = expand_manifest(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    return World(
+        job=job, spec=spec, settings=settings, now=now, pods=tuple(pods), latest=latest,
+        stale=stale, done=frozenset(done), failed=frozenset(range_set(old.shards_failed) - done),
+        entries=entries, progress=progress, index=index,
+        indexed=_indexed(old.phase, pods, bool(done), entries),
+    )
+
+
+def _succeeded_workers(pods: list[PodView]) -> set[int]:
+    return {p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Succeeded"}
+
+
+def _indexed(phase: Phase, pods: list[PodView], any_done: bool,
+             entries: Mapping[int, ShardEntry]) -> bool:
+    return (
+        phase in (Phase.running, Phase.merging) or any_done
+        or any(p.role in (ROLE_WORKER, ROLE_FINALIZE) for p in pods)
+        or any(p.role == ROLE_INDEX and p.phase == "Succeeded" for p in pods)
+        or any(s >= 0 for s in entries)  # shards started before a suspend, their pods gone
+    )
+
+
+def _latest(pods: list[PodView]) -> dict[tuple[str, int], PodView]:
+    out: dict[tuple[str, int], PodView] = {}
+    for pod in pods:
+        key = (pod.role, pod.shard)
+        if key not in out or pod.attempt > out[key].attempt:
+            out[key] = pod
+    return out
+
+
+def ended_from_pod(
+    pod: PodView, prog: ShardProgress | None, now: datetime, failure: Failure | None = None
+) -> Ended:
+    """How the pod's attempt ended: ``failure`` when the operator stopped it (stuck, node
+    lost, vanished), else classified from the pod; the termination message is read here."""
+    message = TerminationMessage.from_json(pod.termination_message)
+    seen = prog.done if prog is not None and prog.attempt == pod.attempt else 0
+    stopped = failure if failure is not None or pod.phase == "Succeeded" else (
+        cls.classify_read(pod, message))
+    return Ended(attempt=pod.attempt, failure=stopped, finished=pod.finished or now,
+                 message=message, start_done=pod.start_done,
+                 committed=committed_by(message, seen), exit_code=pod.exit_code)
+
+
+def past_index(job: JobView, pods: list[PodView]) -> bool:
+    """Whether the index step has finished, so that its summary is worth reading."""
+    return job.status.phase in (Phase.running, Phase.merging, Phase.suspended) or any(
+        p.role != ROLE_INDEX or p.phase == "Succeeded" for p in pods
+    )
+
+
+def ended_attempts(job: JobView, pods: list[PodView]) -> dict[str, int]:
+    """Pod name -> shard of worker attempts that failed or vanished (their pod is gone):
+    their progress is read once more, so the replacement starts from what they committed."""
+    out = {p.name: p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Failed"}
+    present = {p.name for p in pods}
+    started = expand_manifest(job.status, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    for shard, entry in started.items():
+        if shard >= 0 and entry.pod and entry.pod not in present:
+            out[entry.pod] = shard
+    return out
