@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from typing import Any
 import pytest
 from e2e_cluster import HOST_IP, KUBECONFIG_ENV, ROOT, WORKER_IMAGE, Cluster, missing_requirement
 from kubernetes import client, config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))
 from operatorkit import AWS_ENV, Jobs, Operator, prepare_namespace
 
 from embedjob.spec import StorageSpec

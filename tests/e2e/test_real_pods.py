@@ -18,53 +18,20 @@ from typing import Any
 import pytest
 from e2e_cluster import ROOT, WORKER_IMAGE
 from kubernetes import client
-from operatorkit import CREDENTIALS_SECRET, Jobs, small_fasta, wait_for
-
-import embedjob
-from embedjob import layout
-from embedjob.store import open_store
+from operatorkit import Jobs, assert_output, job_spec, progress, upload_fasta, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def upload(s3, tmp: Path, count: int, key: str) -> tuple[str, list[str]]:
-    path = small_fasta(tmp / key, count)
-    s3.client.upload_file(str(path), s3.bucket, key)
-    ids = [line[1:].split()[0] for line in path.read_text().splitlines()
-           if line.startswith(">")]
-    return s3.uri(key), ids
-
-
-def job_spec(s3, input_uri: str, prefix: str, *, shards: int = 1, failpoints: str = "",
+def e2e_spec(s3, input_uri: str, prefix: str, *, shards: int = 1, failpoints: str = "",
              memory: str = "1536Mi") -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "input": {"uri": input_uri},
-        "output": {"uri": s3.uri(prefix)},
-        "model": {"name": "esm2_t6_8M_UR50D", "weights": "random", "maxTokensPerBatch": 2048},
-        "shards": shards,
-        "checkpoint": {"everySequences": 6},
-        "resources": {"gpus": 0, "cpu": "250m", "memory": memory},
-        "storage": {"endpointUrl": s3.endpoint, "region": "us-east-1",
-                    "credentialsSecret": CREDENTIALS_SECRET},
-    }
-    if failpoints:
-        spec["template"] = {"env": [{"name": "EMBEDJOB_FAILPOINTS", "value": failpoints}]}
-    return spec
+    """The real-API-server tier's job, sized for a small real node (no GPU)."""
+    return job_spec(s3, input_uri, prefix, shards=shards, failpoints=failpoints,
+                    resources={"gpus": 0, "cpu": "250m", "memory": memory})
 
 
-def progress(s3, prefix: str, shard: int) -> dict[str, Any]:
-    try:
-        return json.loads(open_store(s3.uri(prefix), s3.storage).read_bytes(
-            layout.shard_progress(shard)))
-    except Exception:
-        return {}
-
-
-def assert_exactly_once(s3, prefix: str, wanted: list[str], tmp: Path) -> None:
-    with embedjob.open(s3.uri(prefix), s3.storage, cache_dir=str(tmp / "cache")) as out:
-        ids = list(out.ids)
-        assert len(ids) == len(set(ids)) == len(wanted) and set(ids) == set(wanted)
-        assert out.to_numpy().shape == (len(wanted), out.dim)
+def upload(s3, tmp: Path, count: int, key: str) -> tuple[str, Path]:
+    return upload_fasta(s3, tmp, count, key), tmp / key
 
 
 def reasons(jobs: Jobs, job: str) -> dict[str, list[str]]:
@@ -87,11 +54,11 @@ def env_of(jobs: Jobs, pod: str) -> dict[str, str]:
 
 
 def test_two_shards_succeed_with_verified_output(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 16, "ok.fa")
-    jobs.create("ok", job_spec(s3, uri, "ok/", shards=2))
+    uri, fasta = upload(s3, tmp_path, 16, "ok.fa")
+    jobs.create("ok", e2e_spec(s3, uri, "ok/", shards=2))
     job = jobs.wait_phase("ok", "Succeeded", timeout=480)
     assert job["status"]["shardsReady"] == "2/2"
-    assert_exactly_once(s3, "ok/", ids, tmp_path)
+    assert_output(s3, "ok/", fasta, tmp_path)
     for name in ("ok-0-0", "ok-1-0"):
         pod = jobs.pod(name)
         assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
@@ -148,9 +115,9 @@ def test_worker_image_keeps_the_dockerfile_contract(jobs: Jobs, admin_api) -> No
 
 
 def test_eviction_mid_shard_resumes_from_the_last_part(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 24, "ev.fa")
+    uri, fasta = upload(s3, tmp_path, 24, "ev.fa")
     # Attempt 0 sleeps 3 s before each batch: the eviction lands mid-shard.
-    jobs.create("ev", job_spec(s3, uri, "ev/", failpoints="stall:attempt=0,seconds=3"))
+    jobs.create("ev", e2e_spec(s3, uri, "ev/", failpoints="stall:attempt=0,seconds=3"))
     wait_for(lambda: progress(s3, "ev/", 0).get("done", 0) >= 6, timeout=300)
     client.CoreV1Api(jobs.api).create_namespaced_pod_eviction("ev-0-0", jobs.namespace, {
         "apiVersion": "policy/v1", "kind": "Eviction",
@@ -164,13 +131,13 @@ def test_eviction_mid_shard_resumes_from_the_last_part(jobs: Jobs, s3, tmp_path)
     assert "RetryPreempted" in events, events
     assert "RetryHostOom" not in events
     assert job["status"]["shardsDone"] == "0"
-    assert_exactly_once(s3, "ev/", ids, tmp_path)
+    assert_output(s3, "ev/", fasta, tmp_path)
 
 
 def test_deletion_shorter_than_the_save_is_a_stop_not_an_oom(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 12, "kill.fa")
+    uri, fasta = upload(s3, tmp_path, 12, "kill.fa")
     # Attempt 0 hangs before batch 2 for 5 minutes, deaf to SIGTERM: the kubelet must SIGKILL.
-    jobs.create("kill", job_spec(s3, uri, "kill/",
+    jobs.create("kill", e2e_spec(s3, uri, "kill/",
                                  failpoints="stall:batch=2,attempt=0,seconds=300"))
     wait_for(lambda: progress(s3, "kill/", 0).get("done", 0) > 0, timeout=300)
     client.CoreV1Api(jobs.api).delete_namespaced_pod("kill-0-0", jobs.namespace,
@@ -182,35 +149,35 @@ def test_deletion_shorter_than_the_save_is_a_stop_not_an_oom(jobs: Jobs, s3, tmp
     # The token budget was not halved: a stop is not a memory problem.
     assert env_of(jobs, "kill-0-1").get("EMBEDJOB_MAX_TOKENS_PER_BATCH") in (None, "2048")
     assert job["status"]["shardsDone"] == "0"
-    assert_exactly_once(s3, "kill/", ids, tmp_path)
+    assert_output(s3, "kill/", fasta, tmp_path)
 
 
 def test_memory_limit_oomkill_retries_with_a_smaller_batch(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 8, "oom.fa")
-    jobs.create("oom", job_spec(s3, uri, "oom/", memory="1Gi",
+    uri, fasta = upload(s3, tmp_path, 8, "oom.fa")
+    jobs.create("oom", e2e_spec(s3, uri, "oom/", memory="1Gi",
                                 failpoints="hog:batch=0,attempt=0"))
     jobs.wait_phase("oom", "Succeeded", timeout=300)
     events = reasons(jobs, "oom")
     assert "RetryHostOom" in events, events
     assert env_of(jobs, "oom-0-1")["EMBEDJOB_MAX_TOKENS_PER_BATCH"] == "1024"
-    assert_exactly_once(s3, "oom/", ids, tmp_path)
+    assert_output(s3, "oom/", fasta, tmp_path)
 
 
 def test_operator_restarted_mid_job_duplicates_nothing(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 16, "rs.fa")
-    jobs.create("rs", job_spec(s3, uri, "rs/", shards=2, failpoints="stall:attempt=0,seconds=2"))
+    uri, fasta = upload(s3, tmp_path, 16, "rs.fa")
+    jobs.create("rs", e2e_spec(s3, uri, "rs/", shards=2, failpoints="stall:attempt=0,seconds=2"))
     wait_for(lambda: {"rs-0-0", "rs-1-0"} <= set(jobs.pod_names("rs")), timeout=300)
     assert jobs.operator is not None
     jobs.operator.stop(signal.SIGKILL)
     jobs.operator.start()
     jobs.wait_phase("rs", "Succeeded", timeout=400)
     assert jobs.pod_names("rs") == ["rs-0-0", "rs-1-0", "rs-finalize-0", "rs-index-0"]
-    assert_exactly_once(s3, "rs/", ids, tmp_path)
+    assert_output(s3, "rs/", fasta, tmp_path)
 
 
 def test_suspend_then_resume_on_real_pods(jobs: Jobs, s3, tmp_path) -> None:
-    uri, ids = upload(s3, tmp_path, 24, "sus.fa")
-    jobs.create("sus", job_spec(s3, uri, "sus/", failpoints="stall:attempt=0,seconds=3"))
+    uri, fasta = upload(s3, tmp_path, 24, "sus.fa")
+    jobs.create("sus", e2e_spec(s3, uri, "sus/", failpoints="stall:attempt=0,seconds=3"))
     wait_for(lambda: progress(s3, "sus/", 0).get("done", 0) >= 6, timeout=300)
     jobs.patch_spec("sus", {"suspend": True})
     jobs.wait_phase("sus", "Suspended", timeout=120)
@@ -219,4 +186,4 @@ def test_suspend_then_resume_on_real_pods(jobs: Jobs, s3, tmp_path) -> None:
     jobs.patch_spec("sus", {"suspend": False})
     jobs.wait_phase("sus", "Succeeded", timeout=300)
     assert started_done(jobs, "sus-0-1") == saved >= 6
-    assert_exactly_once(s3, "sus/", ids, tmp_path)
+    assert_output(s3, "sus/", fasta, tmp_path)
