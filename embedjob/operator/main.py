@@ -70,6 +70,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.scanning.disabled = True  # no CRD/namespace watching: see rbac.py
     settings.posting.enabled = False  # our own Events, one per decision
     settings.watching.server_timeout = 300
+    kube.kopf_timeouts(settings)  # kopf's own requests get the same limits as ours
     metrics.serve(memo.settings.metrics_port)
 
 

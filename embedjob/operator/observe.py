@@ -108,7 +108,10 @@ def ended_from_pod(
     seen = prog.done if prog is not None and prog.attempt == pod.attempt else 0
     stopped = failure if failure is not None or pod.phase == "Succeeded" else (
         cls.classify_read(pod, message))
-    return Ended(attempt=pod.attempt, failure=stopped, finished=pod.finished or now,
+    # A pod refused before its container ran has no finish time: count from when it started
+    # (or was created), never from ``now``, or its backoff would restart on every pass.
+    finished = pod.finished or pod.started or pod.created or now
+    return Ended(attempt=pod.attempt, failure=stopped, finished=finished,
                  message=message, start_done=pod.start_done,
                  committed=committed_by(message, seen), exit_code=pod.exit_code)
 

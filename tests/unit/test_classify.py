@@ -145,3 +145,14 @@ def test_admission_refusals_through_reconcile_never_fail_the_job() -> None:
     terms = manifest["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][-1]["values"] == [f"gpu-{i}" for i in range(5)]
+
+
+def test_a_pod_refused_before_it_ran_keeps_one_backoff_origin() -> None:
+    """No container finish time (an admission refusal): the attempt ended when the pod
+    started, not 'now', or a backoff would move forward on every pass and never expire."""
+    from embedjob.operator.observe import ended_from_pod
+
+    pod = with_state(MANIFEST, "Failed", pod_reason="UnexpectedAdmissionError", started=5)
+    first = ended_from_pod(pod, None, T0 + timedelta(seconds=60))
+    later = ended_from_pod(pod, None, T0 + timedelta(seconds=600))
+    assert first.finished == later.finished == T0 + timedelta(seconds=5)
