@@ -59,7 +59,7 @@ def test_gzip_input_from_s3_to_s3(s3_bucket, proteins_fasta: Path, tmp_path: Pat
     stored = json.loads(out.read_bytes(layout.SUMMARY))
     assert stored["inputs"] == [uri] and stored["fingerprint"] == summary.fingerprint
     assert sorted(out.list()) == sorted(
-        [layout.SUMMARY] + [layout.shard_input(s) for s in range(3)]
+        [layout.SUMMARY, layout.TRUNCATED] + [layout.shard_input(s) for s in range(3)]
     )
 
 
