@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from embedjob import layout
 from embedjob.failures import ConfigError
-from embedjob.repair import DamagedOutput, h5_errors, open_h5
+from embedjob.repair import DamagedOutput, h5_errors, open_h5, sha256_of
 from embedjob.spec import StorageSpec
 from embedjob.store import Store, open_store
-
-
-def _sha256(store: Store, key: str) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with store.open_read(key) as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def _check_h5(local: str, key: str, entry: dict[str, Any], manifest: dict[str, Any],
@@ -54,7 +44,7 @@ def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
             if not store.exists(key):
                 problems.append(f"{key}: missing")
                 continue
-            sha, _ = _sha256(store, key)
+            sha, _ = sha256_of(store, key)
             if sha != entry["sha256"]:
                 problems.append(f"{key}: sha256 {sha[:12]}… does not match the manifest")
                 continue
@@ -68,7 +58,7 @@ def verify_files(store: Store, manifest: dict[str, Any]) -> list[str]:
     if merged:
         if not store.exists(merged):
             problems.append(f"{merged}: missing")
-        elif (sha := _sha256(store, merged)[0]) != manifest.get("mergedSha256"):
+        elif (sha := sha256_of(store, merged)[0]) != manifest.get("mergedSha256"):
             problems.append(f"{merged}: sha256 {sha[:12]}… does not match the manifest")
     return problems
 

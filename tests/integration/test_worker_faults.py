@@ -17,6 +17,7 @@ from workerkit import (
     small_fasta,
     start_worker,
     terminate,
+    uninterrupted,
     wait_for_commits,
 )
 
@@ -34,14 +35,7 @@ def fasta(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(fasta: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     """An uninterrupted run: what every interrupted run must reproduce."""
-    tmp = tmp_path_factory.mktemp("ref")
-    spec = make_spec(str(fasta), str(tmp / "out"))
-    store = index(spec)
-    worker = start_worker(spec, tmp)
-    assert worker.wait() == 0, worker.output()
-    ids, emb = read_shard(store, tmp)
-    assert sorted(ids) == sorted(set(ids)) and len(ids) == N
-    return dict(zip(ids, emb, strict=True))
+    return uninterrupted(fasta, tmp_path_factory.mktemp("ref"))
 
 
 def assert_exactly_once(store, tmp: Path, reference: dict[str, np.ndarray]) -> None:

@@ -21,6 +21,7 @@ from workerkit import (
     read_shard,
     small_fasta,
     start_worker,
+    uninterrupted,
     wait_for_commits,
 )
 
@@ -39,13 +40,7 @@ def fasta(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(fasta: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     """An uninterrupted run on local disk: what every faulty run must reproduce."""
-    tmp = tmp_path_factory.mktemp("ref")
-    spec = make_spec(str(fasta), str(tmp / "out"))
-    store = index(spec)
-    worker = start_worker(spec, tmp)
-    assert worker.wait() == 0, worker.output()
-    ids, emb = read_shard(store, tmp)
-    return dict(zip(ids, emb, strict=True))
+    return uninterrupted(fasta, tmp_path_factory.mktemp("ref"))
 
 
 def s3_spec(fasta: Path, bucket, prefix: str = "out/", **overrides):

@@ -136,3 +136,15 @@ def read_shard(store: Store, tmp: Path, shard: int = 0) -> tuple[list[str], np.n
     store.download_file(layout.shard_output(shard), str(local))
     with h5py.File(local, "r") as h5:
         return list(h5["ids"].asstr()[:]), h5["embeddings"][:]
+
+
+def uninterrupted(fasta: Path, tmp: Path) -> dict[str, np.ndarray]:
+    """Embeddings by id from one uninterrupted worker on local disk: what every interrupted
+    or faulty run must reproduce."""
+    spec = make_spec(str(fasta), str(tmp / "out"))
+    store = index(spec)
+    worker = start_worker(spec, tmp)
+    assert worker.wait() == 0, worker.output()
+    ids, emb = read_shard(store, tmp)
+    assert sorted(ids) == sorted(set(ids)), "an id twice in an uninterrupted run"
+    return dict(zip(ids, emb, strict=True))
