@@ -31,7 +31,7 @@ from embedjob import layout
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 from embedjob.store import open_store
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "embedjob"
 RELEASE = "embedjob"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
