@@ -9,6 +9,7 @@ the TokenRequest API, so every call the operator makes is checked against the ch
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -234,18 +235,28 @@ def prepare_namespace(api: client.ApiClient, namespace: str) -> None:
     wait_for(lambda: core.read_namespaced_service_account("default", namespace), timeout=60)
 
 
+@contextlib.contextmanager
+def watching(plane: Any, api: client.ApiClient, namespace: str, tmp: Path,
+             settings: dict[str, Any] | None = None) -> Iterator[Jobs]:
+    """The user's Secret in ``namespace`` and the real operator watching it, stopped after."""
+    prepare_namespace(api, namespace)
+    operator = Operator(plane, api, namespace, tmp, settings or {}).start()
+    try:
+        yield Jobs(api, namespace, operator)
+    finally:
+        operator.stop()
+
+
 def module_jobs(control_plane, admin_api, tmp: Path,
                 settings: dict[str, Any] | None = None) -> Iterator[Jobs]:
     """A namespace with the chart's RBAC and an operator watching it."""
     core = client.CoreV1Api(admin_api)
     namespace = f"ej-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": namespace}})
-    prepare_namespace(admin_api, namespace)
-    operator = Operator(control_plane, admin_api, namespace, tmp, settings or {}).start()
     try:
-        yield Jobs(admin_api, namespace, operator)
+        with watching(control_plane, admin_api, namespace, tmp, settings) as jobs:
+            yield jobs
     finally:
-        operator.stop()
         core.delete_namespace(namespace, propagation_policy="Background")
 
 

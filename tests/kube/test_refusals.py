@@ -11,7 +11,7 @@ from pathlib import Path
 
 from envtest import ControlPlane
 from kubernetes import client
-from operatorkit import Jobs, Operator, condition, prepare_namespace, wait_for
+from operatorkit import condition, wait_for, watching
 
 from embedjob.operator.kube import EVENT_MESSAGE_BYTES
 
@@ -24,10 +24,7 @@ BAD_LABELS = {f"zoné {'é' * 20} {i}": "x" for i in range(20)}
 def test_a_pod_the_server_refuses_fails_the_job_with_its_message(
         control_plane: ControlPlane, admin_api: client.ApiClient, crd_installed: str,
         namespace: str, tmp_path: Path) -> None:
-    prepare_namespace(admin_api, namespace)
-    operator = Operator(control_plane, admin_api, namespace, tmp_path).start()
-    jobs = Jobs(admin_api, namespace, operator)
-    try:
+    with watching(control_plane, admin_api, namespace, tmp_path) as jobs:
         jobs.create("refused", {"input": {"uri": str(tmp_path / "in.fa")},
                                 "output": {"uri": str(tmp_path / "out")},
                                 "template": {"labels": BAD_LABELS}})
@@ -41,10 +38,8 @@ def test_a_pod_the_server_refuses_fails_the_job_with_its_message(
         assert "metadata.labels" in event["message"] and "zoné" in event["message"]
         assert len(event["message"].encode()) <= EVENT_MESSAGE_BYTES  # cut, and posted
         time.sleep(3)  # longer than the operator's retry interval for API errors
-        log = operator.log_tail(200_000)
+        log = jobs.operator.log_tail(200_000)
         assert log.count("pod_refused") == 1, log[-3000:]  # one refusal, no retry loop
         assert "api_error" not in log, log[-3000:]
         assert "422 Unprocessable Entity" in log and "metadata.labels" in log, log[-3000:]
         assert jobs.pods("refused") == []
-    finally:
-        operator.stop()

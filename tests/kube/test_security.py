@@ -8,16 +8,13 @@ from pathlib import Path
 
 from envtest import ControlPlane
 from kubernetes import client
-from operatorkit import Jobs, Operator, condition, prepare_namespace, wait_for
+from operatorkit import condition, wait_for, watching
 
 
 def test_a_hostpath_volume_fails_the_job_naming_the_setting(
         control_plane: ControlPlane, admin_api: client.ApiClient, crd_installed: str,
         namespace: str, tmp_path: Path) -> None:
-    prepare_namespace(admin_api, namespace)
-    operator = Operator(control_plane, admin_api, namespace, tmp_path).start()
-    jobs = Jobs(admin_api, namespace, operator)
-    try:
+    with watching(control_plane, admin_api, namespace, tmp_path) as jobs:
         jobs.create("hostpath", {
             "input": {"uri": str(tmp_path / "in.fa")}, "output": {"uri": str(tmp_path / "out")},
             "template": {"volumes": [{"name": "root", "hostPath": {"path": "/"}}],
@@ -32,5 +29,3 @@ def test_a_hostpath_volume_fails_the_job_naming_the_setting(
         assert event["type"] == "Warning"
         assert "hostPath" in event["message"] and "allowedVolumeTypes" in event["message"]
         assert jobs.pods("hostpath") == []
-    finally:
-        operator.stop()
