@@ -245,6 +245,8 @@ class Kubelet:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
                "HOSTNAME": pod["metadata"]["name"], "OMP_NUM_THREADS": "1",
                "AWS_EC2_METADATA_DISABLED": "true"}  # no instance metadata off-cloud
+        if "PYTHONPATH" in os.environ:  # the "image" is this checkout: run its code
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for item in container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = item["value"]
