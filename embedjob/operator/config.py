@@ -105,6 +105,21 @@ Secrets, claims): no hostPath, and no inline network or CSI volume that names st
 namespace's users may not reach through a claim."""
 
 
+class WaitDeadlines(_Model):
+    """Seconds a job may wait on something that waiting rarely fixes, then it fails
+    (0: wait forever). Counted from facts in the pods and the status, so a restart of the
+    operator does not reset them."""
+
+    image_pull: float = Field(600.0, ge=0, description="ErrImagePull / ImagePullBackOff")
+    config_error: float = Field(
+        300.0, ge=0, description="CreateContainerConfigError / CreateContainerError (a missing "
+        "Secret or ConfigMap key)")
+    unschedulable: float = Field(
+        0.0, ge=0, description="PodScheduled=False/Unschedulable (0: spot capacity comes back)")
+    index_unreadable: float = Field(
+        600.0, ge=0, description="index/summary.json unreadable after the index step finished")
+
+
 class OperatorSettings(_Model):
     worker_image: str = Field(DEFAULT_WORKER_IMAGE, description="Default worker image")
     namespaces: list[str] = Field(
@@ -123,6 +138,10 @@ class OperatorSettings(_Model):
     )
     unschedulable_after_seconds: float = Field(
         300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"
+    )
+    wait_deadlines: WaitDeadlines = Field(default_factory=WaitDeadlines)
+    wait_event_interval_seconds: float = Field(
+        300.0, gt=0, description="At most one Warning Event per job and wait cause this often"
     )
     worker_defaults: WorkerDefaults = Field(default_factory=WorkerDefaults)
     index_resources: dict[str, Any] = Field(

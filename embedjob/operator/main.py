@@ -31,6 +31,7 @@ from embedjob.operator.views import (
     LABEL_JOB_UID,
     ROLE_WORKER,
     IndexInfo,
+    IndexUnreadable,
     JobView,
     PodView,
     ShardProgress,
@@ -117,7 +118,7 @@ class JobLoop:
         self.patched_at = 0.0
         self.progress: dict[int, ShardProgress] = {}
         self.progress_at = 0.0
-        self.index: IndexInfo | None = None
+        self.index: IndexInfo | IndexUnreadable | None = None
         self.finished_cache: set[int] = set()
         self.ended_read: set[str] = set()  # ended attempts whose progress was read after
         # Pods created by this process that the watch may not have shown yet (like the
@@ -244,8 +245,9 @@ class JobLoop:
         self.patched = new
 
     async def read_index(self, job: JobView, pods: list[PodView]) -> None:
-        """Read index/summary.json once the index step has finished (one GET, then cached)."""
-        if self.index is not None:
+        """Read index/summary.json once the index step has finished (one GET, then cached;
+        an unreadable one is read again next pass, and reconcile says why it waits)."""
+        if isinstance(self.index, IndexInfo):
             return
         if not past_index(job, pods):
             return
@@ -298,13 +300,21 @@ def _read_progress(store: Any, shard: int) -> ShardProgress | None:
         return None
 
 
-def _read_index(spec: Any) -> IndexInfo | None:
+def _read_index(spec: Any) -> IndexInfo | IndexUnreadable:
+    """The summary, or one line saying what could not be read, where, and why."""
+    where = f"{spec.output.uri.rstrip('/')}/{layout.SUMMARY}"
     try:
         from embedjob.store import open_store
 
-        return index_info(open_store(spec.output.uri, spec.storage).read_bytes(layout.SUMMARY))
-    except Exception:  # not written yet, or storage trouble: look again next pass
-        return None
+        data = open_store(spec.output.uri, spec.storage).read_bytes(layout.SUMMARY)
+    except Exception as err:  # storage trouble: a condition says so; read again next pass
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return IndexUnreadable(text if text.startswith("cannot ") else
+                               f"cannot read {where}: {text}")
+    info = index_info(data)
+    return info if info is not None else IndexUnreadable(
+        f"cannot read {where}: not an index summary (JSON with shards and sequences); "
+        "something else wrote it: use a fresh output prefix")
 
 
 def _count_decision(event: Event) -> None:

@@ -22,7 +22,8 @@ from embedjob.operator.config import OperatorSettings
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
 from embedjob.operator.steps import Event, Unit, step
-from embedjob.operator.views import IndexInfo, JobView, PodView
+from embedjob.operator.views import IndexInfo, IndexUnreadable, JobView, PodView
+from embedjob.operator.waits import Verdict, judge
 from embedjob.policy import ShardHistory
 from embedjob.progress import ShardProgress
 from embedjob.ranges import format_ranges
@@ -69,6 +70,8 @@ class Decided:
     stop: tuple[str, ...] = ()
     """Pods to stop besides the units' own (suspend, a failed job)."""
     requeue: float | None = None
+    reason: str | None = None
+    """The Failed condition's reason when the job fails for a wait (None: the default)."""
 
 
 def reconcile(
@@ -77,12 +80,13 @@ def reconcile(
     progress: Mapping[int, ShardProgress],
     now: datetime,
     settings: OperatorSettings,
-    index: IndexInfo | None = None,
+    index: IndexInfo | IndexUnreadable | None = None,
 ) -> Plan:
     """Decide everything for one job from what is observed now.
 
     ``index`` is the index step's summary once it exists: the effective shard count (it
-    can be below spec.shards) and the sequence total come from it, never from the spec.
+    can be below spec.shards) and the sequence total come from it, never from the spec;
+    :class:`IndexUnreadable` when the shell could not read it (why, in one line).
     """
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
@@ -90,11 +94,13 @@ def reconcile(
     if job.spec is None:
         return _invalid(job, job.spec_error or "invalid spec", now)
     try:
-        world = observe(job, pods, progress, now, settings, index)
-        decided = _decide(world)
+        info = index if isinstance(index, IndexInfo) else None
+        world = observe(job, pods, progress, now, settings, info)
+        verdict = judge(world, index.message if isinstance(index, IndexUnreadable) else None)
+        decided = _past_deadline(world, _decide(world), verdict)
     except ConfigError as err:  # e.g. an unusable spec.template
         return _invalid(job, str(err), now)
-    return _plan(world, decided)
+    return _plan(world, decided, verdict)
 
 
 # --- decide: one function per step -------------------------------------------------------
@@ -114,6 +120,17 @@ def _decide(w: World) -> Decided:
         message = w.job.status.message or f"shard(s) {format_ranges(w.failed)} failed"
         return Decided(Phase.failed, w.done, w.failed, message)
     return _finalize(w)
+
+
+def _past_deadline(w: World, d: Decided, verdict: Verdict) -> Decided:
+    """A wait that outlived its deadline fails the job (its other pods stop); the units'
+    entries stay, their pod creates are dropped."""
+    if verdict.failure is None or d.phase in (*TERMINAL, Phase.suspended):
+        return d
+    reason, message = verdict.failure
+    units = tuple(replace(u, create=()) for u in d.units)
+    return replace(d, phase=Phase.failed, message=message, units=units, reason=reason,
+                   stop=w.stoppable)
 
 
 def _suspend(w: World) -> Decided:
@@ -177,7 +194,7 @@ def _shards(w: World, shards: int) -> Decided:
 # --- the plan: status written once, Events after -----------------------------------------
 
 
-def _plan(w: World, d: Decided) -> Plan:
+def _plan(w: World, d: Decided, verdict: Verdict) -> Plan:
     old, job = w.job.status, w.job
     count = w.shards or old.shard_count or w.spec.shards
     message = f"{count} shard(s) embedded" if d.phase == Phase.succeeded else d.message
@@ -187,7 +204,10 @@ def _plan(w: World, d: Decided) -> Plan:
         unschedulable=tuple(u.unschedulable for u in d.units if u.unschedulable),
     )
     status = job_status(outline, old, w.now)
-    events = [e for u in d.units for e in u.events]
+    failed = {"Failed": ("True", d.reason, message)} if d.reason else {}
+    status = status.model_copy(update={"conditions": set_conditions(
+        status.conditions, w.now, {**verdict.conditions, **failed})})
+    events = [e for u in d.units for e in u.events] + list(verdict.events)
     if status.phase != old.phase:
         kind = "Warning" if status.phase == Phase.failed else "Normal"
         events.append(Event(kind, status.phase.value,
@@ -199,13 +219,14 @@ def _plan(w: World, d: Decided) -> Plan:
         status=dump_status(status),
         status_urgent=status.phase != old.phase or condition_key(status) != condition_key(old),
         events=events,
-        requeue_after=_requeue(w, d, status.phase),
+        requeue_after=_requeue(w, d, status.phase, verdict),
     )
 
 
-def _requeue(w: World, d: Decided, phase: Phase) -> float | None:
+def _requeue(w: World, d: Decided, phase: Phase, verdict: Verdict) -> float | None:
     waits = [u.requeue for u in d.units if u.requeue is not None]
     waits += [d.requeue] if d.requeue is not None else []
+    waits += [verdict.requeue] if verdict.requeue is not None else []
     requeue = min(waits) if waits else None
     if phase not in TERMINAL:
         poll = w.settings.progress_poll_seconds

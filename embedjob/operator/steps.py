@@ -102,12 +102,9 @@ def _watch(w: World, pod: PodView, prog: ShardProgress | None, entry: ShardEntry
         return replace(unit, slots_used=unit.slots_used - 1)  # the replaced pod's slot
     state = ShardState.running if pod.phase == "Running" else ShardState.pending
     unit = Unit(state, _entry_of(pod, prog, entry, state))
+    # The Event is the job's, one per cause and interval (waits.py), not one per pod.
     waiting = cls.unschedulable(pod, w.now, w.settings.unschedulable_after_seconds)
-    if waiting is None:
-        return unit
-    event = Event("Warning", "Unschedulable", f"{label_of(pod.role, pod.shard)}: "
-                  f"{waiting.message}"[:EVENT_MESSAGE_MAX], f"unsched/{pod.name}")
-    return replace(unit, unschedulable=pod.name, events=(event,))
+    return unit if waiting is None else replace(unit, unschedulable=pod.name)
 
 
 def _settle(w: World, pod: PodView, ended: Ended, prog: ShardProgress | None,

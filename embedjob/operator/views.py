@@ -102,6 +102,9 @@ class PodView:
     history: str | None = None  # JSON of the policy history this attempt started with
     start_done: int = 0  # sequences committed when this attempt started
     last_failure: str | None = None
+    image: str | None = None
+    waiting_reason: str | None = None  # ErrImagePull, CreateContainerConfigError, ...
+    waiting_message: str | None = None
 
     @property
     def terminated(self) -> bool:
@@ -128,6 +131,7 @@ def pod_view(body: Mapping[str, Any]) -> PodView | None:
     spec = body.get("spec") or {}
     status = body.get("status") or {}
     term = _terminated(status)
+    waiting = _waiting(spec, status)
     unsched = _condition(status, "PodScheduled")
     disruption = _condition(status, "DisruptionTarget")
     try:
@@ -159,6 +163,9 @@ def pod_view(body: Mapping[str, Any]) -> PodView | None:
         history=ann.get(ANN_HISTORY),
         start_done=start_done,
         last_failure=ann.get(ANN_LAST_FAILURE),
+        image=((spec.get("containers") or [{}])[0] or {}).get("image"),
+        waiting_reason=waiting.get("reason"),
+        waiting_message=waiting.get("message"),
     )
 
 
@@ -171,6 +178,14 @@ def _terminated(status: Mapping[str, Any]) -> Mapping[str, Any]:
         if last:
             return last
     return {}
+
+
+def _waiting(spec: Mapping[str, Any], status: Mapping[str, Any]) -> Mapping[str, Any]:
+    """state.waiting of the pod's first container (the worker's): why it has not started."""
+    first = ((spec.get("containers") or [{}])[0] or {}).get("name")
+    statuses = status.get("containerStatuses") or []
+    ours = [cs for cs in statuses if cs.get("name") == first] or statuses[:1]
+    return ((ours[0].get("state") or {}).get("waiting") or {}) if ours else {}
 
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -198,6 +213,13 @@ class IndexInfo:
 
     shards: int  # effective shard count: min(spec.shards, sequences)
     sequences: int
+
+
+@dataclass(frozen=True)
+class IndexUnreadable:
+    """The index step finished but its summary could not be read: what, where, why."""
+
+    message: str
 
 
 def index_info(data: bytes | str) -> IndexInfo | None:
