@@ -109,7 +109,12 @@ def judge(w: World, index_error: str | None) -> Verdict:
     pods = _pods_verdict(w)
     index = _index_verdict(w, index_error)
     waits = [v.requeue for v in (pods, index) if v.requeue is not None]
-    return Verdict({**pods.conditions, **index.conditions}, pods.events + index.events,
+    # A condition appears once it is True, then stays (False when cleared): a job that never
+    # waited carries neither, the same status the local runner writes.
+    seen = {c.type for c in w.job.status.conditions}
+    conditions = {kind: value for kind, value in {**pods.conditions, **index.conditions}.items()
+                  if value[0] == "True" or kind in seen}
+    return Verdict(conditions, pods.events + index.events,
                    pods.failure or index.failure, min(waits) if waits else None)
 
 
