@@ -279,6 +279,8 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
             "progressPollSeconds": 11,
             "stuckAfterSeconds": 600,
             "unschedulableAfterSeconds": 120,
+            "waitDeadlines": {"imagePull": 60, "unschedulable": 3600},
+            "waitEventIntervalSeconds": 90,
         },
     }
     config = operator_config(render(helm, tmp_path, values))
@@ -299,6 +301,9 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
     )
     assert (config.status_interval_seconds, config.progress_poll_seconds) == (7, 11)
     assert (config.stuck_after_seconds, config.unschedulable_after_seconds) == (600, 120)
+    waits = config.wait_deadlines
+    assert (waits.image_pull, waits.config_error, waits.unschedulable) == (60, 300, 3600)
+    assert (waits.index_unreadable, config.wait_event_interval_seconds) == (600, 90)
 
 
 def test_step_cache_and_security_values_reach_the_operator_config(
