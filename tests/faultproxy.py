@@ -4,6 +4,7 @@ Clients use the proxy's URL as their S3 endpoint; every request is forwarded to 
 server unless a fault is chosen for it. Faults, per request:
 
 - ``503`` / ``500``: answered with an S3 error (SlowDown / InternalError), not forwarded;
+  ``403`` (AccessDenied) likewise, but only when forced (never drawn at random);
 - ``delay``: held ``delay`` seconds (a random value in the range), then forwarded;
 - ``drop``: forwarded, the server acts, its response is read — and the client's connection is
   closed without an answer (a lost response to a request that succeeded);
@@ -30,7 +31,7 @@ KINDS = ("503", "500", "delay", "drop", "cut")
 _HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
         "expect"}  # fmt: skip
-_ERRORS = {"503": (503, "SlowDown"), "500": (500, "InternalError")}
+_ERRORS = {"503": (503, "SlowDown"), "500": (500, "InternalError"), "403": (403, "AccessDenied")}
 
 
 @dataclass
@@ -39,6 +40,7 @@ class _Forced:
     remaining: int
     method: str | None
     contains: str | None
+    header: str | None = None
 
 
 @dataclass
@@ -80,12 +82,13 @@ class FaultProxy:
         self._server.server_close()
 
     def force(self, kind: str, times: int = 1, method: str | None = None,
-              contains: str | None = None) -> None:
+              contains: str | None = None, header: str | None = None) -> None:
         """The next ``times`` requests with ``method`` whose path (query included) contains
-        ``contains`` get ``kind``."""
-        assert kind in KINDS, kind
+        ``contains`` and whose headers contain ``header`` (e.g. one client's access key in
+        its signature: ``Credential=KEY/``) get ``kind``."""
+        assert kind in KINDS or kind in _ERRORS, kind
         with self._lock:
-            self._forced.append(_Forced(kind, times, method, contains))
+            self._forced.append(_Forced(kind, times, method, contains, header))
 
     def set_rate(self, rate: float) -> None:
         with self._lock:
@@ -94,11 +97,11 @@ class FaultProxy:
     def injected(self) -> int:
         return sum(self.counts.values())
 
-    def choose(self, method: str, path: str) -> str | None:
+    def choose(self, method: str, path: str, headers: str = "") -> str | None:
         """The fault for one request (None: forward it untouched)."""
         with self._lock:
             self.requests += 1
-            fault = self._forced_fault(method, path)
+            fault = self._forced_fault(method, path, headers)
             if fault is None and self.rate and self._rng.random() < self.rate:
                 usable = [k for k in self.kinds if k != "cut" or _is_object_get(method, path)]
                 fault = self._rng.choice(usable) if usable else None
@@ -107,11 +110,11 @@ class FaultProxy:
                 self.log.append((method, path, fault))
             return fault
 
-    def _forced_fault(self, method: str, path: str) -> str | None:
+    def _forced_fault(self, method: str, path: str, headers: str) -> str | None:
         for rule in self._forced:
             if rule.remaining > 0 and rule.method in (None, method) and (
                 rule.contains is None or rule.contains in path
-            ):
+            ) and (rule.header is None or rule.header in headers):
                 if rule.kind == "cut" and not _is_object_get(method, path):
                     continue
                 rule.remaining -= 1
@@ -149,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
-        fault = self.owner.choose(self.command, self.path)
+        fault = self.owner.choose(self.command, self.path, str(self.headers))
         if fault in _ERRORS:
             return self._error(*_ERRORS[fault])
         if fault == "delay":

@@ -7,8 +7,15 @@ kubelet does through the API is done the same way, so the server's own rules app
 - binds unbound pods through ``pods/binding`` (there is no kube-scheduler), honouring
   ``nodeSelector`` and required node affinity; a pod that fits no node (or is held by the
   test) stays Pending with ``PodScheduled=False/Unschedulable``;
-- resolves env (``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``) from real objects, maps
-  volume mounts and the termination-message path to per-pod folders;
+- "pulls" images by a rule (there is no registry): an image under ``unreachable.invalid/`` (a
+  reserved, never-resolving domain) cannot be pulled, so its pod stays Pending with
+  ``state.waiting`` ``ErrImagePull``, then ``ImagePullBackOff`` until the next try (tries
+  back off 1 s, 2 s, ... up to 8 s), as a kubelet whose registry lookup fails; an image name
+  that is not a valid reference stays Pending with ``InvalidImageName``;
+- resolves env (``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``) from real objects: a
+  missing Secret/ConfigMap or key without ``optional: true`` leaves the pod Pending with
+  ``CreateContainerConfigError`` and the kubelet's words (``secret "x" not found``), retried
+  until it appears; maps volume mounts and the termination-message path to per-pod folders;
 - reports through ``pods/status``: Running, then Succeeded/Failed with the container's
   ``state.terminated`` (exit code, reason, the termination message or the log's tail);
 - graceful deletion: sees ``deletionTimestamp``, SIGTERM, SIGKILL after the grace period,
@@ -23,6 +30,7 @@ import base64
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +49,13 @@ CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "250", "nvidia.com/gpu": "8"
 MESSAGE_LIMIT = 4096  # the kubelet's cap on a termination message
 LOG_TAIL = 2048
 HEARTBEAT_SECONDS = 10.0
+UNPULLABLE = "unreachable.invalid/"
+PULL_BACKOFF = (1.0, 8.0)  # first and longest wait between two pulls of an unpullable image
+# The shape of a docker reference (distribution/reference), lower-case repository path.
+REFERENCE = re.compile(r"^(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/)?"
+                       r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                       r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                       r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 
 
 def now() -> str:
@@ -84,6 +99,8 @@ class Kubelet:
         self.oom: set[str] = set()
         self.held: set[str] = set()
         self.marked: set[str] = set()  # Unschedulable condition written
+        self.waiting: dict[str, tuple[str, str]] = {}  # state.waiting written (reason, message)
+        self.pulls: dict[str, tuple[int, float]] = {}  # failed pulls, when to try again
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kubelet")
@@ -173,6 +190,8 @@ class Kubelet:
             self._report(pod, key)
         elif key not in self.done and (pod.get("status") or {}).get("phase") in (None,
                                                                                  "Pending"):
+            if self._cannot_pull(pod, key):
+                return
             if self.instant is not None:
                 self._finish(pod, key, self.instant(pod), started=now())
             else:
@@ -220,9 +239,8 @@ class Kubelet:
                 folder.mkdir(parents=True, exist_ok=True)
         try:
             env = self._env(pod, container)
-        except LookupError as err:  # like CreateContainerConfigError: try again later
-            self._status(meta, {"containerStatuses": [_container_status(container, {
-                "waiting": {"reason": "CreateContainerConfigError", "message": str(err)}})]})
+        except LookupError as err:  # the kubelet retries until the Secret/key appears
+            self._wait(pod, key, "CreateContainerConfigError", str(err))
             return
         env = {k: _map_path(v, paths) for k, v in env.items()}
         env["TMPDIR"] = str(paths.get("/tmp", root / "tmp"))
@@ -238,7 +256,51 @@ class Kubelet:
             {"type": "ContainersReady", "status": "True", "lastTransitionTime": started},
             {"type": "Initialized", "status": "True", "lastTransitionTime": started}],
             "containerStatuses": [_container_status(container, {
-                "running": {"startedAt": started}}, ready=True)]})
+                "running": {"startedAt": started}, "waiting": None}, ready=True)]})
+        self.waiting.pop(key, None)
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def _cannot_pull(self, pod: Pod, key: str) -> bool:
+        """Whether the pod's image cannot be had: InvalidImageName, or ErrImagePull then
+        ImagePullBackOff until the next try, as a kubelet whose registry lookup fails."""
+        image = pod["spec"]["containers"][0].get("image", "")
+        if not REFERENCE.match(image):
+            self._wait(pod, key, "InvalidImageName",
+                       f'Failed to apply default image tag "{image}": couldn\'t parse image '
+                       f'reference "{image}": invalid reference format')
+            return True
+        if not image.startswith(UNPULLABLE):
+            return False
+        tries, retry_at = self.pulls.get(key, (0, 0.0))
+        if time.monotonic() >= retry_at:
+            self.pulls[key] = (tries + 1, time.monotonic() + min(
+                PULL_BACKOFF[0] * 2 ** tries, PULL_BACKOFF[1]))
+            self._wait(pod, key, "ErrImagePull",
+                       f'failed to pull and unpack image "{image}": failed to resolve '
+                       f'reference "{image}": dial tcp: lookup unreachable.invalid: no such host')
+        elif self.waiting.get(key, ("",))[0] == "ErrImagePull":
+            self._wait(pod, key, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+        return True
+
+    def _wait(self, pod: Pod, key: str, reason: str, message: str) -> None:
+        """A container that cannot start: Pending, started (the kubelet took the pod), not
+        ready, ``state.waiting``; written only when it changes, as a kubelet does."""
+        if self.waiting.get(key) == (reason, message):
+            return
+        self.waiting[key] = (reason, message)
+        stamp = now()
+        status = pod.get("status") or {}
+        self._status(pod["metadata"], {
+            "phase": "Pending", "startTime": status.get("startTime") or stamp,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                 "lastTransitionTime": stamp},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady",
+                 "lastTransitionTime": stamp}],
+            "containerStatuses": [_container_status(pod["spec"]["containers"][0], {
+                "waiting": {"reason": reason, "message": message}})]})
 
     def _env(self, pod: Pod, container: dict[str, Any]) -> dict[str, str]:
         """A container's environment: a bare base (no host env leaks in) plus the pod's."""
@@ -260,28 +322,31 @@ class Kubelet:
         ns = pod["metadata"]["namespace"]
         if ref := source.get("secretKeyRef"):
             return self._key_ref(ref, lambda: self.core.read_namespaced_secret(ref["name"], ns),
-                                 "secret", decode=True)
+                                 "Secret", ns, decode=True)
         if ref := source.get("configMapKeyRef"):
             return self._key_ref(ref, lambda: self.core.read_namespaced_config_map(ref["name"],
                                                                                    ns),
-                                 "configmap", decode=False)
+                                 "ConfigMap", ns, decode=False)
         if ref := source.get("fieldRef"):
             return field_value(pod, ref["fieldPath"])
         raise LookupError(f"unsupported valueFrom {sorted(source)}")
 
     @staticmethod
-    def _key_ref(ref: dict[str, Any], read: Callable[[], Any], kind: str,
+    def _key_ref(ref: dict[str, Any], read: Callable[[], Any], kind: str, ns: str,
                  decode: bool) -> str | None:
+        """The kubelet's rules and words (kubelet_pods.go makeEnvironmentVariables)."""
         try:
             data = read().data or {}
         except ApiException as err:
-            if err.status == 404 and ref.get("optional"):
+            if err.status != 404:
+                raise LookupError(f"{err.status} {err.reason}") from None
+            if ref.get("optional"):
                 return None
-            raise LookupError(f'{kind} "{ref["name"]}" not found') from None
+            raise LookupError(f'{kind.lower()} "{ref["name"]}" not found') from None
         if ref["key"] not in data:
             if ref.get("optional"):
                 return None
-            raise LookupError(f'couldn\'t find key {ref["key"]} in {kind} {ref["name"]}')
+            raise LookupError(f'couldn\'t find key {ref["key"]} in {kind} {ns}/{ref["name"]}')
         value = data[ref["key"]]
         return base64.b64decode(value).decode() if decode else value
 

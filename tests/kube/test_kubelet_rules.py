@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubelet import _map_path, field_value, fits, node_labels
+from kubelet import REFERENCE, _map_path, field_value, fits, node_labels
 
 AVOID_ONE = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
     "nodeSelectorTerms": [{"matchExpressions": [
@@ -36,3 +36,11 @@ def test_downward_api_fields() -> None:
     assert field_value(pod, "metadata.labels['a']") == "1"
     with pytest.raises(LookupError, match="unsupported fieldRef"):
         field_value(pod, "status.phase")
+
+
+@pytest.mark.parametrize(("image", "valid"), [
+    ("ghcr.io/embedjob/embedjob-worker:0.1.0", True), ("busybox", True),
+    ("unreachable.invalid/embedjob:1", True), ("localhost:5000/a/b@sha256:" + "a" * 64, True),
+    ("Bad Image", False), ("UPPER/x", False), ("x:", False), ("ghcr.io/A:1", False)])
+def test_image_names_a_kubelet_cannot_parse(image: str, valid: bool) -> None:
+    assert bool(REFERENCE.match(image)) is valid
