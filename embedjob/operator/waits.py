@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.names import ROLE_INDEX, ROLE_WORKER
@@ -22,6 +22,7 @@ from embedjob.ranges import format_ranges
 from embedjob.spec import Condition
 from embedjob.times import parse_time
 
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 WAITING = "PodsWaiting"
 INDEX_UNREADABLE = "IndexUnreadable"
 
@@ -124,8 +125,7 @@ def _pods_verdict(w: World) -> Verdict:
     for wait in sorted(waits, key=lambda x: (x.pod.shard, x.pod.name)):
         groups.setdefault(wait.cause, []).append(wait)
     lines = {cause: summary(cause, group) for cause, group in groups.items()}
-    events = tuple(_event(w, f"wait/{cause}", cause, lines[cause],
-                          min(x.since for x in group)) for cause, group in groups.items())
+    events = tuple(_event(w, f"wait/{cause}", cause, lines[cause]) for cause in groups)
     overdue: list[tuple[float, str, str]] = []  # (seconds past, reason, message)
     left: list[float] = []
     for cause, group in groups.items():
@@ -158,10 +158,12 @@ def _waiting_condition(groups: Mapping[str, list[Wait]],
     return ("True", order[0], "; ".join(lines[c] for c in order))
 
 
-def _event(w: World, key: str, reason: str, message: str, since: datetime) -> Event:
+def _event(w: World, key: str, reason: str, message: str) -> Event:
     """One Warning per job and cause per interval: the key carries the interval's number,
-    counted from when the wait began (a fact in the pods), and the shell posts each key once."""
+    counted from the job's creation (a fact in the job, so a restart reuses the numbers), and
+    the shell posts each key once."""
     interval = w.settings.wait_event_interval_seconds
+    since = w.job.created or EPOCH
     bucket = int(max(0.0, (w.now - since).total_seconds()) // interval)
     return Event("Warning", reason, message[:EVENT_MESSAGE_MAX], f"{key}/{bucket}")
 
@@ -187,7 +189,7 @@ def _index_verdict(w: World, error: str | None) -> Verdict:
     since = _index_finished(w) or _true_since(w.job.status.conditions, INDEX_UNREADABLE) or w.now
     message = _line(error)
     condition = {INDEX_UNREADABLE: ("True", INDEX_UNREADABLE, message)}
-    events = (_event(w, "wait/index", INDEX_UNREADABLE, message, since),)
+    events = (_event(w, "wait/index", INDEX_UNREADABLE, message),)
     limit = w.settings.wait_deadlines.index_unreadable
     if not limit:
         return Verdict(condition, events)

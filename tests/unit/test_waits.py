@@ -91,7 +91,7 @@ def test_many_waiting_pods_make_one_condition_and_one_event_per_cause() -> None:
     # The same interval: the same keys (the shell posts each once, a restart at most once).
     later = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=190), quick, IDX)
     assert {e.key for e in later.events} == {e.key for e in warnings}
-    # The next interval (counted from when the wait began): new keys, still one per cause.
+    # The next interval: new keys, still one per cause.
     next_one = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=210), quick, IDX)
     keys = {e.key for e in next_one.events}
     assert len(keys) == 2 and not keys & {e.key for e in warnings}
