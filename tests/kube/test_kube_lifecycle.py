@@ -112,12 +112,14 @@ def test_stuck_pod_is_replaced(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path
     assert_output(s3_bucket, "st/", tmp_path / "in.fa", tmp_path)
 
 
-def test_operator_cannot_read_secrets(control_plane, jobs: Jobs) -> None:
-    """The chart's RBAC is least privilege: the operator's identity reads no Secrets."""
+def test_operator_reads_secrets_only_by_name(control_plane, jobs: Jobs) -> None:
+    """The chart's RBAC is least privilege: the operator may get the Secret a job names (its
+    storage identity) but never list or watch Secrets."""
     account = f"system:serviceaccount:{jobs.namespace}:embedjob"
-    done = control_plane.kubectl("auth", "can-i", "get", "secrets", "-n", jobs.namespace,
-                                 "--as", account, check=False)
-    assert done.stdout.strip() == "no"
+    for verb, answer in (("get", "yes"), ("list", "no"), ("watch", "no")):
+        done = control_plane.kubectl("auth", "can-i", verb, "secrets", "-n", jobs.namespace,
+                                     "--as", account, check=False)
+        assert done.stdout.strip() == answer, verb
     done = control_plane.kubectl("auth", "can-i", "create", "pods", "-n", jobs.namespace,
                                  "--as", account, check=False)
     assert done.stdout.strip() == "yes"
