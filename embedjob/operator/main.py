@@ -280,8 +280,12 @@ class JobLoop:
                    if p.role == ROLE_WORKER and p.phase == "Running" and not p.deleting}
         self.poller.track(self.uid, running)
         # The replacement must start from what an ended attempt committed, not from the
-        # last round's read: those reads go first, and this pass waits for them.
-        ended = {n: s for n, s in ended_attempts(job, pods).items() if n not in self.ended_read}
+        # last round's read: those reads go first, and this pass waits for them. A shard that
+        # succeeded is read once too, for its final count.
+        succeeded = {p.name: p.shard for p in pods
+                     if p.role == ROLE_WORKER and p.phase == "Succeeded"}
+        ended = {n: s for n, s in (ended_attempts(job, pods) | succeeded).items()
+                 if n not in self.ended_read}
         if ended:
             self.ended_read |= ended.keys()
             attempts = {s: _attempt_of(n) for n, s in ended.items()}

@@ -103,7 +103,7 @@ def test_stuck_pod_is_replaced(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path
     jobs.create("st", spec)
     jobs.wait_phase("st", "Succeeded", timeout=240)
     events = [e for e in jobs.events("st") if e["reason"] == "RetryStuck"]
-    assert events and "no progress" in events[0]["message"]
+    assert events and "no heartbeat" in events[0]["message"]
     assert kubelet.started("st-0-1", jobs.namespace) is not None
     # The stuck pod is deleted: stopped (SIGTERM, then SIGKILL after the grace) and gone.
     wait_for(lambda: "st-0-0" not in jobs.pod_names("st"), timeout=60)
