@@ -189,10 +189,7 @@ class Poller:
             store = self.stores.get(read.job, reads.where)
         except StorageRefused as err:
             metrics.STORAGE_REQUESTS.labels(kind=read.kind, outcome="refused").inc()
-            if reads.refused is None:
-                reads.refused = err.message
-                log.warning(json.dumps({"job": reads.name, "event": "storage_not_read",
-                                        "error": err.message}))
+            reads.refused = err.message  # the job's loop says it, once
             return
         reads.refused = None
         key = (layout.shard_heartbeat if read.kind == HEARTBEAT else layout.shard_progress)(

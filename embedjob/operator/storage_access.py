@@ -31,13 +31,19 @@ JOB_SECRET_ONLY = "jobSecretOnly"
 ALLOW_OPERATOR_IDENTITY = "allowOperatorIdentity"
 REOPEN_SECONDS = 300.0
 """A job's store is opened again (its Secret read again) this often: rotated keys apply."""
+RETRY_SECONDS = 30.0
+"""A Secret that could not be read (missing, the API away) is looked at again this soon."""
 
 SecretReader = Callable[[str, str], Mapping[str, str]]
 """(namespace, name) -> the Secret's data, base64 as the API returns it."""
 
 
 class StorageRefused(EmbedjobError):
-    """The operator will not, or cannot, read this job's output (one line, no secrets)."""
+    """The operator will not, or cannot, read this job's output (one line, no secrets).
+    ``lasting``: the settings refuse it (no Secret, jobSecretOnly), not a Secret that may
+    appear or an API that may come back."""
+
+    lasting = False
 
 
 @dataclass(frozen=True)
@@ -71,13 +77,18 @@ def open_job_store(where: JobStorage, settings: OperatorSettings,
     if where.secret:
         return _secret_store(where, read_secret)
     if settings.security.operator_storage_identity != ALLOW_OPERATOR_IDENTITY:
-        raise StorageRefused(
+        raise _lasting(StorageRefused(
             f"the operator does not read {where.uri}: the job names no "
             "spec.storage.credentialsSecret (nor workerDefaults.storage.credentialsSecret), and "
             f"security.operatorStorageIdentity is {JOB_SECRET_ONLY} — progress stays unknown "
             "and stuck workers are not detected; name a Secret, or set it to "
-            f"{ALLOW_OPERATOR_IDENTITY}")
+            f"{ALLOW_OPERATOR_IDENTITY}"))
     return open_store(where.uri, where.storage)
+
+
+def _lasting(err: StorageRefused) -> StorageRefused:
+    err.lasting = True
+    return err
 
 
 def _secret_store(where: JobStorage, read_secret: SecretReader) -> Store:
@@ -136,7 +147,8 @@ class Stores:
         """The job's store, or StorageRefused (the same one until it is looked at again)."""
         with self._lock:
             cached = self._open.get(uid)
-        if cached is not None and cached[1] == where and self.clock() - cached[0] < REOPEN_SECONDS:
+        if cached is not None and cached[1] == where and self.clock() - cached[0] < _keep(
+                cached[2]):
             opened = cached[2]
         else:
             try:
@@ -154,3 +166,10 @@ class Stores:
     def forget(self, uid: str) -> None:
         with self._lock:
             self._open.pop(uid, None)
+
+
+def _keep(opened: Store | StorageRefused) -> float:
+    """How long an opened store, or a refusal, stands before the next look."""
+    if isinstance(opened, StorageRefused) and not opened.lasting:
+        return RETRY_SECONDS
+    return REOPEN_SECONDS

@@ -232,3 +232,32 @@ def test_poller_reads_heartbeats_into_the_jobs_map(tmp_path) -> None:
     assert progress[5].done == 9 and progress[3].done == 7 and progress[3].total == 20
     assert beats[3].attempt == 1 and beats[3].beat.value == 4 and not woken
     poller.forget("uid")
+
+
+def test_a_secret_that_could_not_be_read_is_looked_at_again_soon() -> None:
+    """A missing Secret (or the API away) is retried after 30 s; the settings' refusal of an
+    IRSA job stands for 5 min; a store opened with the Secret is kept, not reopened per read."""
+    now = [0.0]
+    calls = []
+
+    def read(ns: str, name: str) -> dict[str, str]:
+        calls.append(now[0])
+        if len(calls) == 1:
+            raise LookupError("404")
+        return {"AWS_ACCESS_KEY_ID": "QUtJQQ==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+    stores = Stores(S, read, clock=lambda: now[0])
+    where = job_storage("ns", "j", _spec(credentialsSecret="s3"), S)  # type: ignore[arg-type]
+    with pytest.raises(StorageRefused, match="cannot read Secret ns/s3"):
+        stores.get("uid", where)
+    now[0] = 10.0
+    with pytest.raises(StorageRefused):
+        stores.get("uid", where)
+    now[0] = 31.0
+    assert stores.get("uid", where).uri == "s3://bucket/out/"
+    now[0] = 100.0
+    stores.get("uid", where)
+    assert calls == [0.0, 31.0]
+    irsa = job_storage("ns", "k", _spec(), S)  # type: ignore[arg-type]
+    with pytest.raises(StorageRefused) as err:
+        stores.get("uid2", irsa)
+    assert err.value.lasting
