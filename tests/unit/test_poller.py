@@ -261,3 +261,18 @@ def test_a_secret_that_could_not_be_read_is_looked_at_again_soon() -> None:
     with pytest.raises(StorageRefused) as err:
         stores.get("uid2", irsa)
     assert err.value.lasting
+
+
+def test_heartbeat_carries_what_the_operator_needs_of_progress() -> None:
+    """One GET per shard per round: the heartbeat round-trips progress.json's fields."""
+    from embedjob.progress import parse_heartbeat, progress_of_heartbeat
+
+    record = HeartbeatRecord(attempt=2, stage="embedding", beat=9, rate=3.5, time=5.0,
+                             done=40, total=90, updated=1_700_000_000.5, interval=10.0)
+    back = parse_heartbeat(heartbeat_document(record))
+    assert back == record
+    prog = progress_of_heartbeat(4, back)
+    assert prog is not None and (prog.shard, prog.attempt, prog.done, prog.total) == (4, 2, 40, 90)
+    assert prog.updated is not None and prog.updated.timestamp() == 1_700_000_000.5
+    old = HeartbeatRecord(attempt=2)  # a worker that predates it: no progress from it
+    assert progress_of_heartbeat(4, parse_heartbeat(heartbeat_document(old))) is None
