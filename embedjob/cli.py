@@ -76,7 +76,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     spec, job = _spec_from_env_or_file(args.job)
     summary = run_index(spec, open_store(spec.output.uri, spec.storage), job_name=job)  # type: ignore[attr-defined]
-    print(f"indexed {summary.sequences} sequences into {summary.shards} shards", file=sys.stderr)
+    line = f"indexed {summary.sequences} sequences into {summary.shards} shards"
+    print(line, file=sys.stderr)
+    if not args.job:  # a pod: the operator reads the shard count from here
+        write_termination_message(TerminationMessage("indexed", line, shards=summary.shards,
+                                                     sequences=summary.sequences))
     return 0
 
 

@@ -153,6 +153,10 @@ class TerminationMessage:
     """The token budget the attempt ran at (what ``auto`` chose): the OOM policy halves it."""
     precision: str | None = None
     """The precision the attempt ran at (what ``auto`` resolved): NaN/Inf moves one up."""
+    shards: int | None = None
+    sequences: int | None = None
+    """A finished index step's summary: the operator takes the shard count from the pod,
+    with no storage read (so a job whose output it may not read still runs)."""
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v not in (None, [], False)}

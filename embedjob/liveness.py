@@ -8,7 +8,7 @@ slow but moving worker is never replaced. Pure: both runners can call :func:`ver
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_STUCK_AFTER = 600.0
 """The floor of the threshold: no heartbeat for this long (or k x the slowest pass) is stuck."""
@@ -38,6 +38,11 @@ class Beat:
     """When the worker entered ``stage`` (first seen by the runner)."""
     slowest_pass: float = 0.0
     """Slowest forward pass the worker reported, in seconds."""
+    value: int = -1
+    """The beat counter last read (-1: none of this attempt yet)."""
+    read_at: float = 0.0
+    """When the reader last read the heartbeat (0: never). A reader that looks seldom (the
+    operator, within its storage budget) judges only as of this read: :func:`judge_read`."""
 
 
 @dataclass(frozen=True)
@@ -70,3 +75,31 @@ def verdict(
         return Verdict(True, f"no heartbeat for {idle:.0f}s while {beat.stage} "
                              f"(limit {limit:.0f}s)", limit)
     return Verdict(False, "", limit)
+
+
+def seen(beat: Beat, at: float, *, value: int | None, stage: str | None = None,
+         slowest_pass: float | None = None) -> Beat:
+    """Fold one read of the heartbeat into what the reader knows, on the reader's clock ``at``
+    (``value`` None: no beat of this attempt there yet). The worker's own timestamps are
+    never compared with the reader's, so clock skew cannot make a worker look stuck."""
+    out = replace(beat, read_at=at)
+    if value is not None and value != beat.value:
+        out = replace(out, value=value, seen_at=at)
+    if stage is not None and stage != beat.stage:
+        out = replace(out, stage=stage, stage_since=at)
+    if slowest_pass is not None:
+        out = replace(out, slowest_pass=slowest_pass)
+    return out
+
+
+def judge_read(
+    beat: Beat, now: float, *, stuck_after: float, beat_interval: float, max_age: float,
+    load_allowance: float = LOAD_ALLOWANCE_SECONDS,
+) -> Verdict:
+    """:func:`verdict` as of the last read, for a reader that looks seldom: "stuck" only when
+    that read itself came after the threshold elapsed (the reader looked and the beat had not
+    moved), and only while that read is at most ``max_age`` old. No read, no verdict."""
+    if beat.read_at <= 0 or now - beat.read_at > max_age:
+        return Verdict(False, "")
+    return verdict(beat, beat.read_at, stuck_after=stuck_after, beat_interval=beat_interval,
+                   load_allowance=load_allowance)

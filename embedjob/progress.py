@@ -94,6 +94,13 @@ class HeartbeatRecord:
     """The attempt's resume position."""
     rate: float = 0.0
     time: float = 0.0
+    done: int | None = None
+    """Sequences committed (progress.json's ``done``); None from a worker that predates it."""
+    total: int = 0
+    updated: float | None = None
+    """When the worker last reported progress (epoch, its clock; progress.json's ``updated``)."""
+    interval: float | None = None
+    """Seconds between the worker's heartbeat writes (EMBEDJOB_HEARTBEAT_SECONDS)."""
 
     @property
     def in_flight_total(self) -> int:
@@ -108,6 +115,11 @@ def heartbeat_document(record: HeartbeatRecord) -> bytes:
         "embedded": record.embedded, "committedAtStart": record.committed_at_start,
         "rate": round(record.rate, 3), "time": round(record.time, 3),
     }
+    if record.done is not None:  # what the operator needs of progress.json: one read a round
+        doc |= {"done": record.done, "total": record.total,
+                "updated": round(record.updated, 3) if record.updated else None}
+    if record.interval is not None:
+        doc["interval"] = record.interval
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -125,6 +137,19 @@ def parse_heartbeat(data: bytes | str) -> HeartbeatRecord | None:
             committed_at_start=int(raw.get("committedAtStart") or 0),
             rate=float(raw.get("rate") or 0.0),
             time=float(raw.get("time") or 0.0),
+            done=int(raw["done"]) if raw.get("done") is not None else None,
+            total=int(raw.get("total") or 0),
+            updated=float(raw["updated"]) if raw.get("updated") else None,
+            interval=float(raw["interval"]) if raw.get("interval") else None,
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def progress_of_heartbeat(shard: int, record: HeartbeatRecord) -> ShardProgress | None:
+    """The progress.json view a heartbeat carries (None from a worker that predates it)."""
+    if record.done is None:
+        return None
+    return ShardProgress(shard=shard, attempt=record.attempt, total=record.total,
+                         done=record.done, rate=record.rate,
+                         updated=from_epoch(record.updated) if record.updated else None)

@@ -76,7 +76,9 @@ def s3_client(storage: StorageSpec | None = None) -> Any:
         return client
 
 
-def _make_client(storage: StorageSpec) -> Any:
+def _make_client(storage: StorageSpec, session: Any = None) -> Any:
+    """A client with the standard configuration; ``session`` (a boto3 Session with explicit
+    credentials) instead of the environment's, for the operator's job-scoped reads."""
     import boto3
     from botocore.config import Config
 
@@ -93,7 +95,7 @@ def _make_client(storage: StorageSpec) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = boto3.session.Session()
+    session = session or boto3.session.Session()
     return session.client(
         "s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config
     )

@@ -12,7 +12,9 @@ server unless a fault is chosen for it. Faults, per request:
   the connection is closed (IncompleteRead in the middle of a streamed body).
 
 Random faults hit ``rate`` of the requests, drawn from a seeded RNG; :meth:`FaultProxy.force`
-queues deterministic faults for the next matching requests. ``counts`` says what was injected.
+queues deterministic faults for the next matching requests. ``counts`` says what was injected;
+``signed`` records who signed each request (the SigV4 access key id, the method, the path), so a
+test can see which identity a client used.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class FaultProxy:
     counts: Counter[str] = field(default_factory=Counter)
     requests: int = 0
     log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, fault)
+    signed: list[tuple[str, str, str]] = field(default_factory=list)  # (key id, method, path)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -96,6 +99,12 @@ class FaultProxy:
 
     def injected(self) -> int:
         return sum(self.counts.values())
+
+    def saw(self, authorization: str | None, method: str, path: str) -> None:
+        """Record the access key id of a SigV4 ``Authorization`` header ('' when unsigned)."""
+        _, _, rest = (authorization or "").partition("Credential=")
+        with self._lock:
+            self.signed.append((rest.split("/", 1)[0], method, path))
 
     def choose(self, method: str, path: str, headers: str = "") -> str | None:
         """The fault for one request (None: forward it untouched)."""
@@ -152,6 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        self.owner.saw(self.headers.get("Authorization"), self.command, self.path)
         fault = self.owner.choose(self.command, self.path, str(self.headers))
         if fault in _ERRORS:
             return self._error(*_ERRORS[fault])

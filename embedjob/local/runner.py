@@ -17,13 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedjob import layout
 from embedjob.attempts import Ended, attempt_env, from_process
 from embedjob.failures import EmbedjobError, FailureType, StorageError, TransientStorageError
-from embedjob.liveness import DEFAULT_STUCK_AFTER, Beat, beat_interval, verdict
+from embedjob.liveness import DEFAULT_STUCK_AFTER, Beat, beat_interval, seen, verdict
 from embedjob.local.lease import Lease, OutputInUse
 from embedjob.local.patience import DEFAULT_OUTAGE_SECONDS, Patience
 from embedjob.local.procs import default_workers, die_with_parent, stop_all
@@ -71,7 +71,6 @@ class Running:
     committed_before: int
     slot: int
     beat: Beat = field(default_factory=Beat)
-    beat_value: object = None
     stuck: str = ""
     """Why the runner judged it stuck and killed it (empty: not stuck)."""
 
@@ -313,12 +312,9 @@ class LocalRun:
             return
         if doc is None or doc.attempt != run.attempt:
             return  # an earlier attempt's beat says nothing about this one
-        beat = run.beat
-        if doc.beat != run.beat_value:
-            run.beat_value, beat = doc.beat, replace(beat, seen_at=now)
-        if doc.stage != beat.stage:
-            beat = replace(beat, stage=doc.stage, stage_since=now)
-        run.beat = replace(beat, slowest_pass=doc.slowest_pass)
+        # The same fold as the operator's (liveness.seen): times on the runner's clock.
+        run.beat = seen(run.beat, now, value=doc.beat, stage=doc.stage,
+                        slowest_pass=doc.slowest_pass)
         s = run.shard
         s.in_flight = max(0, doc.in_flight_total - s.done)
         s.rate, s.stage, s.resumed_at = doc.rate, doc.stage, doc.committed_at_start

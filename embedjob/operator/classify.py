@@ -92,21 +92,6 @@ def node_lost(pod: PodView, now: datetime) -> Failure | None:
     return None
 
 
-def stuck(
-    pod: PodView, progress: ShardProgress | None, now: datetime, after_seconds: float
-) -> Failure | None:
-    """Running, but nothing committed for ``after_seconds`` (counting from the pod's start)."""
-    if pod.phase != "Running" or pod.deleting:
-        return None
-    since = pod.started or pod.created
-    if progress is not None and progress.updated and (since is None or progress.updated > since):
-        since = progress.updated
-    if since is None or (now - since).total_seconds() < after_seconds:
-        return None
-    idle = int((now - since).total_seconds())
-    return Failure(FailureType.stuck, f"no progress for {idle}s", node=pod.node)
-
-
 def unschedulable(pod: PodView, now: datetime, after_seconds: float) -> Failure | None:
     if pod.phase != "Pending" or pod.unschedulable_since is None:
         return None

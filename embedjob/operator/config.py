@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,6 +96,11 @@ class Security(_Model):
     allowed_scheduler_names: list[str] = Field(
         default_factory=list, description="Schedulers spec.template may name"
     )
+    operator_storage_identity: Literal["jobSecretOnly", "allowOperatorIdentity"] = Field(
+        "jobSecretOnly",
+        description="Whose identity reads a job's output when the job names no credentials "
+        "Secret (IRSA): nobody's (jobSecretOnly), or the operator's own",
+    )
 
 
 DEFAULT_VOLUME_TYPES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected",
@@ -131,10 +136,17 @@ class OperatorSettings(_Model):
         5.0, gt=0, description="Shortest interval between two status patches of one job"
     )
     progress_poll_seconds: float = Field(
-        30.0, gt=0, description="How often shard progress.json files are read"
+        30.0, gt=0, description="Shortest interval between two reads of one shard's heartbeat"
     )
     stuck_after_seconds: float = Field(
-        1800.0, gt=0, description="A running pod with no progress for this long is replaced"
+        1800.0, gt=0,
+        description="Floor of the heartbeat threshold: a running worker whose heartbeat has not "
+        "moved for this long (or 5 x its slowest pass, if longer) is replaced",
+    )
+    storage_requests_per_minute: float = Field(
+        6000.0, gt=0,
+        description="Operator-wide budget of storage reads for progress and liveness: each "
+        "running shard is read every max(progressPollSeconds, shards x 60 / budget) seconds",
     )
     unschedulable_after_seconds: float = Field(
         300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"

@@ -197,3 +197,16 @@ async def post_event(job: JobView, event: Event) -> None:
     except (ApiException, ApiUnreachable) as err:
         text = describe(err) if isinstance(err, ApiException) else str(err)
         log.warning("could not post event %s on %s: %s", event.reason, job.name, text)
+
+
+def read_secret_data(namespace: str, name: str) -> dict[str, str]:
+    """A Secret's data (base64 values), for a job's own storage identity (storage_access).
+
+    Synchronous: called from the storage reader threads, never on the event loop. Only the
+    data is returned; nothing of it is logged (an error says the status code and reason)."""
+    core = client.CoreV1Api(connect())
+    try:
+        secret = core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+    except urllib3.exceptions.HTTPError as err:
+        raise unreachable("read_namespaced_secret", err) from None
+    return dict(secret.data or {})

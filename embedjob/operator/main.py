@@ -22,13 +22,16 @@ from typing import Any
 import kopf
 
 from embedjob import layout
-from embedjob.operator import kube, metrics
+from embedjob.operator import kube, metrics, poller
 from embedjob.operator.config import OperatorSettings, load_settings
+from embedjob.operator.heartbeats import Observed
 from embedjob.operator.observe import ended_attempts, past_index
 from embedjob.operator.reconcile import Plan, reconcile, refused
 from embedjob.operator.steps import Event
+from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores, job_storage
 from embedjob.operator.views import (
     LABEL_JOB_UID,
+    ROLE_INDEX,
     ROLE_WORKER,
     IndexInfo,
     IndexUnreadable,
@@ -38,10 +41,8 @@ from embedjob.operator.views import (
     index_info,
     job_view,
     pod_view,
-    progress_view,
     status_view,
 )
-from embedjob.ranges import range_set
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 from embedjob.status import shard_state_counts
 
@@ -49,7 +50,10 @@ log = logging.getLogger("embedjob.operator")
 LOOPS: dict[str, JobLoop] = {}
 PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
-READ_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="embedjob-progress")
+READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embedjob-index")
+"""Index summaries (one GET per job); heartbeats and progress go through the poller."""
+ENDED_READ_SECONDS = 10.0
+"""How long a pass waits for the progress of attempts that just ended (read first)."""
 API_CONCURRENCY = 16
 """Pod creates/deletes in flight at once for one job (matches the client's pool size)."""
 API_RETRY_SECONDS = 2.0
@@ -104,6 +108,7 @@ async def job_daemon(
         LOOPS.pop(uid, None)
         PHASES.pop(uid, None)
         SHARD_STATES.pop(uid, None)
+        loop.poller.forget(uid)
 
 
 # --- the per-job loop (the imperative shell around reconcile) -----------------------------
@@ -117,10 +122,10 @@ class JobLoop:
         self.patched: dict[str, Any] | None = None
         self.patched_at = 0.0
         self.progress: dict[int, ShardProgress] = {}
-        self.progress_at = 0.0
+        self.beats: dict[int, Observed] = {}
         self.index: IndexInfo | IndexUnreadable | None = None
-        self.finished_cache: set[int] = set()
         self.ended_read: set[str] = set()  # ended attempts whose progress was read after
+        self.poller = poller.shared(settings, lambda: Stores(settings, kube.read_secret_data))
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
@@ -149,10 +154,9 @@ class JobLoop:
         pods = self.with_expected([p for p in index.get(self.uid, ()) if p is not None])
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             await self.read_index(job, pods)
-            await self.read_progress(job, pods)
-            await self.read_ended(job, pods)
+            await self.read_storage(job, pods)
         now = datetime.now(timezone.utc)
-        plan = reconcile(job, pods, self.progress, now, self.settings, self.index)
+        plan = reconcile(job, pods, self.progress, now, self.settings, self.index, self.beats)
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -245,75 +249,103 @@ class JobLoop:
         self.patched = new
 
     async def read_index(self, job: JobView, pods: list[PodView]) -> None:
-        """Read index/summary.json once the index step has finished (one GET, then cached;
-        an unreadable one is read again next pass, and reconcile says why it waits)."""
+        """The index summary once the index step has finished: from the index pod's
+        termination message, else one GET (with the job's identity), then cached; an
+        unreadable one is read again next pass, and reconcile says why it waits."""
         if isinstance(self.index, IndexInfo):
             return
         if not past_index(job, pods):
             return
         assert job.spec is not None
+        self.index = next((i for p in pods if p.role == ROLE_INDEX and p.phase == "Succeeded"
+                           and (i := index_info(p.termination_message or "")) is not None), None)
+        if self.index is not None:
+            return
+        where = job_storage(job.namespace, job.name, job.spec, self.settings)
         loop = asyncio.get_running_loop()
-        self.index = await loop.run_in_executor(READ_POOL, _read_index, job.spec)
+        read = await loop.run_in_executor(READ_POOL, _read_index, self.poller.stores, self.uid,
+                                          where)
+        if isinstance(read, StorageRefused):
+            await self.not_read(job, read.message)
+        else:
+            self.index = read
 
-    async def read_ended(self, job: JobView, pods: list[PodView]) -> None:
-        """Read progress once more for attempts that just ended or vanished: the replacement
-        must start from what they committed, not from the last timed poll."""
-        ended = {n: s for n, s in ended_attempts(job, pods).items() if n not in self.ended_read}
-        if not ended:
-            return
-        self.ended_read |= ended.keys()
-        await self.read_progress(job, pods, sorted(set(ended.values())))
-
-    async def read_progress(
-        self, job: JobView, pods: list[PodView], only: list[int] | None = None
-    ) -> None:
-        poll = self.settings.progress_poll_seconds
-        if only is None and time.monotonic() - self.progress_at < poll:
-            return
-        self.progress_at = time.monotonic()
+    async def read_storage(self, job: JobView, pods: list[PodView]) -> None:
+        """Hand the running shards to the poller, wait (briefly) for the progress of
+        attempts that just ended, and take the latest reads for this pass."""
         assert job.spec is not None
-        done = range_set(job.status.shards_done)
-        wanted = only if only is not None else sorted(
-            {p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
-        try:
-            from embedjob.store import open_store
+        wake = _waker(self.wake)
+        reads = self.poller.job(self.uid, job.name,
+                                job_storage(job.namespace, job.name, job.spec, self.settings),
+                                wake)
+        running = {p.shard: p.attempt for p in pods
+                   if p.role == ROLE_WORKER and p.phase == "Running" and not p.deleting}
+        self.poller.track(self.uid, running)
+        # The replacement must start from what an ended attempt committed, not from the
+        # last round's read: those reads go first, and this pass waits for them. A shard that
+        # succeeded is read once too, for its final count.
+        succeeded = {p.name: p.shard for p in pods
+                     if p.role == ROLE_WORKER and p.phase == "Succeeded"}
+        ended = {n: s for n, s in (ended_attempts(job, pods) | succeeded).items()
+                 if n not in self.ended_read}
+        if ended:
+            self.ended_read |= ended.keys()
+            attempts = {s: _attempt_of(n) for n, s in ended.items()}
+            futures = self.poller.ended(self.uid, attempts)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
+                                       ENDED_READ_SECONDS)
+        self.progress, self.beats = reads.snapshot()
+        if reads.refused is not None:
+            await self.not_read(job, reads.refused)
 
-            store = open_store(job.spec.output.uri, job.spec.storage)
-        except Exception as err:
-            log.warning("cannot open %s for progress: %s", job.spec.output.uri, err)
+    async def not_read(self, job: JobView, message: str) -> None:
+        """The operator may not read this job's output: say so once (a log line and a
+        Warning Event); the job runs on, its progress unknown, no stuck detection."""
+        key = f"storage-refused/{self.uid}"
+        if key in self.posted:
             return
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(READ_POOL, _read_progress, store, s) for s in wanted)
-        )
-        for shard, prog in zip(wanted, results, strict=True):
-            if prog is not None:
-                self.progress[shard] = prog
-                if shard in done:
-                    self.finished_cache.add(shard)
+        self.posted.add(key)
+        log.warning(json.dumps({"job": job.name, "event": "storage_not_read", "error": message}))
+        await kube.post_event(job, Event("Warning", "StorageNotRead", message[:1000], key))
 
 
-def _read_progress(store: Any, shard: int) -> ShardProgress | None:
+def _waker(event: asyncio.Event) -> Any:
+    """A callable for other threads that sets ``event`` on this event loop."""
+    loop = asyncio.get_running_loop()
+    return lambda: loop.call_soon_threadsafe(event.set)
+
+
+def _attempt_of(pod_name: str) -> int:
+    """Worker pod names end with the attempt (``<job>-<shard>-<attempt>``)."""
     try:
-        return progress_view(shard, store.read_bytes(layout.shard_progress(shard)))
-    except Exception:
-        return None
+        return int(pod_name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
-def _read_index(spec: Any) -> IndexInfo | IndexUnreadable:
-    """The summary, or one line saying what could not be read, where, and why."""
-    where = f"{spec.output.uri.rstrip('/')}/{layout.SUMMARY}"
+def _read_index(
+    stores: Stores, uid: str, where: JobStorage
+) -> IndexInfo | IndexUnreadable | StorageRefused:
+    """The summary; the refusal when the job's identity does not allow a read; else one
+    line saying what could not be read, where, and why (read again next pass)."""
     try:
-        from embedjob.store import open_store
-
-        data = open_store(spec.output.uri, spec.storage).read_bytes(layout.SUMMARY)
+        store = stores.get(uid, where)
+    except StorageRefused as err:
+        metrics.STORAGE_REQUESTS.labels(kind="index", outcome="refused").inc()
+        return err
+    path = f"{store.uri.rstrip('/')}/{layout.SUMMARY}"
+    try:
+        data = store.read_bytes(layout.SUMMARY)
     except Exception as err:  # storage trouble: a condition says so; read again next pass
+        metrics.STORAGE_REQUESTS.labels(kind="index", outcome="error").inc()
         text = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return IndexUnreadable(text if text.startswith("cannot ") else
-                               f"cannot read {where}: {text}")
+                               f"cannot read {path}: {text}")
+    metrics.STORAGE_REQUESTS.labels(kind="index", outcome="ok").inc()
     info = index_info(data)
     return info if info is not None else IndexUnreadable(
-        f"cannot read {where}: not an index summary (JSON with shards and sequences); "
+        f"cannot read {path}: not an index summary (JSON with shards and sequences); "
         "something else wrote it: use a fresh output prefix")
 
 

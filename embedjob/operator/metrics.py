@@ -19,6 +19,26 @@ PREEMPTED_GPU_SECONDS = Counter(
     "GPU-seconds of work since the last committed part, lost to preemptions (estimate)",
 )
 
+STORAGE_REQUESTS = Counter(
+    "embedjob_storage_requests_total",
+    "The operator's own storage reads, by kind (heartbeat, progress, index) and outcome "
+    "(ok, missing, error, refused: not read, the job's identity does not allow it)",
+    ["kind", "outcome"],
+)
+STORAGE_BUDGET = Gauge("embedjob_storage_budget_requests_per_minute",
+                       "The configured budget of storage reads (storageRequestsPerMinute)")
+STORAGE_PLANNED = Gauge("embedjob_storage_budget_in_use_requests_per_minute",
+                        "Storage reads a minute the running shards take at the current interval")
+READ_INTERVAL = Gauge("embedjob_shard_read_interval_seconds",
+                      "Seconds between two reads of one running shard's heartbeat")
+READ_SHARDS = Gauge("embedjob_shards_read", "Running shards whose heartbeat the operator reads")
+
+
+def set_read_schedule(interval: float, planned_per_minute: float, shards: int) -> None:
+    READ_INTERVAL.set(interval)
+    STORAGE_PLANNED.set(planned_per_minute)
+    READ_SHARDS.set(shards)
+
 
 def serve(port: int) -> None:
     if port:

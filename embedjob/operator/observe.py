@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from embedjob.attempts import Ended, committed_by
 from embedjob.failures import Failure, TerminationMessage
 from embedjob.operator import classify as cls
 from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import Observed
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.views import IndexInfo, JobView, PodView
 from embedjob.progress import ShardProgress
@@ -39,6 +40,8 @@ class World:
     index: IndexInfo | None
     indexed: bool
     """The index step is behind us (its pod succeeded, or shards have started)."""
+    beats: Mapping[int, Observed] = field(default_factory=dict)
+    """Running shards' heartbeats as last read (operator clock): "stuck" comes from these."""
 
     @property
     def shards(self) -> int | None:
@@ -58,6 +61,7 @@ class World:
 def observe(
     job: JobView, pods: list[PodView], progress: Mapping[int, ShardProgress], now: datetime,
     settings: OperatorSettings, index: IndexInfo | None,
+    beats: Mapping[int, Observed] | None = None,
 ) -> World:
     spec = job.spec
     assert spec is not None
@@ -72,7 +76,7 @@ def observe(
         job=job, spec=spec, settings=settings, now=now, pods=tuple(pods), latest=latest,
         stale=stale, done=frozenset(done), failed=frozenset(range_set(old.shards_failed) - done),
         entries=entries, progress=progress, index=index,
-        indexed=_indexed(old.phase, pods, bool(done), entries),
+        indexed=_indexed(old.phase, pods, bool(done), entries), beats=beats or {},
     )
 
 

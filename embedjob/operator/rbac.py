@@ -3,8 +3,10 @@
 The Helm chart renders its Role (one per watched namespace) or ClusterRole (cluster-wide
 mode) from :data:`REQUIRED_RULES`, and a test asserts that the rendered rules equal these.
 Every call in :mod:`embedjob.operator.kube` and every call kopf makes in our configuration
-(standalone, resource scanning off) is covered; nothing more. No Secrets: worker pods get
-credentials as secretKeyRef, which the kubelet resolves, not the operator.
+(standalone, resource scanning off) is covered; nothing more. Secrets: ``get`` only, by
+name, for the operator's own reads of a job's output with the job's credentials Secret
+(:mod:`embedjob.operator.storage_access`); no list or watch, so the operator never sees a
+Secret a job does not name. Worker pods get credentials as secretKeyRef (the kubelet).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ REQUIRED_RULES: list[PolicyRule] = [
      "verbs": ["list", "watch", "create", "delete"]},
     # kube.post_event and kopf's own events
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # kube.read_secret_data: a job's spec.storage.credentialsSecret, in the job's namespace
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
 """Rules for a namespaced Role, or for the ClusterRole in cluster-wide mode (the same)."""
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from embedjob.failures import ConfigError
 from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import Observed
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
 from embedjob.operator.steps import Event, Unit, step
@@ -81,12 +82,14 @@ def reconcile(
     now: datetime,
     settings: OperatorSettings,
     index: IndexInfo | IndexUnreadable | None = None,
+    beats: Mapping[int, Observed] | None = None,
 ) -> Plan:
     """Decide everything for one job from what is observed now.
 
     ``index`` is the index step's summary once it exists: the effective shard count (it
     can be below spec.shards) and the sequence total come from it, never from the spec;
     :class:`IndexUnreadable` when the shell could not read it (why, in one line).
+    ``beats``: each running shard's heartbeat as the poller last read it ("stuck" from it).
     """
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
@@ -95,7 +98,7 @@ def reconcile(
         return _invalid(job, job.spec_error or "invalid spec", now)
     try:
         info = index if isinstance(index, IndexInfo) else None
-        world = observe(job, pods, progress, now, settings, info)
+        world = observe(job, pods, progress, now, settings, info, beats)
         verdict = judge(world, index.message if isinstance(index, IndexUnreadable) else None)
         decided = _past_deadline(world, _decide(world), verdict)
     except ConfigError as err:  # e.g. an unusable spec.template

@@ -17,6 +17,7 @@ from typing import Any
 from embedjob.attempts import Ended, Settled, next_history, notice, settle
 from embedjob.failures import FailureType
 from embedjob.operator import classify as cls
+from embedjob.operator import heartbeats
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, ended_from_pod
 from embedjob.operator.pods import build_pod
@@ -92,7 +93,7 @@ def _watch(w: World, pod: PodView, prog: ShardProgress | None, entry: ShardEntry
            slots: int) -> Unit:
     """A running or pending pod: replace it when its node is lost or it is stuck."""
     lost = cls.node_lost(pod, w.now) or (
-        cls.stuck(pod, prog, w.now, w.settings.stuck_after_seconds)
+        heartbeats.stuck(pod, w.beats.get(pod.shard), w.now, w.settings)
         if pod.role == ROLE_WORKER else None
     )
     if lost is not None:

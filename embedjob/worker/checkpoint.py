@@ -211,13 +211,16 @@ class ProgressState:
     batch_tokens: int
     precision: str
     quarantined: int = 0
+    reported_at: float = 0.0
+    """When progress.json was last written (its ``updated``); the heartbeat carries it too."""
 
     def document(self, extra: dict[str, object]) -> bytes:
-        elapsed = max(time.time() - self.started, 1e-6)
+        self.reported_at = time.time()
+        elapsed = max(self.reported_at - self.started, 1e-6)
         new = self.committed - self.committed_at_start
         record = ShardProgress(shard=self.shard, attempt=self.attempt, total=self.total,
                                done=self.committed, parts=self.parts, rate=new / elapsed,
-                               updated=from_epoch(time.time()))
+                               updated=from_epoch(self.reported_at))
         return progress_document(record, batch_tokens=self.batch_tokens,
                                  precision=self.precision, quarantined=self.quarantined,
                                  extra=extra)

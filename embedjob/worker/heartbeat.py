@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from embedjob import layout
 from embedjob.failures import Preempted, StorageError, TerminationMessage, write_termination_message
@@ -26,6 +27,9 @@ from embedjob.logs import log
 from embedjob.progress import HeartbeatRecord, heartbeat_document
 from embedjob.store import Store
 from embedjob.worker.failpoints import Failpoints
+
+if TYPE_CHECKING:
+    from embedjob.worker.checkpoint import ProgressState
 
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: not an Exception
@@ -52,6 +56,9 @@ class Heartbeat:
         self.embedded = 0
         self.committed_at_start = 0
         self.embed_started: float | None = None
+        self.progress: ProgressState | None = None
+        """What progress.json reports: the heartbeat carries it, so that a reader needs one
+        object per shard (the operator reads heartbeat.json only)."""
         self._last_pass: float | None = None
         self._written = -1
         self._lock = threading.Lock()
@@ -71,10 +78,11 @@ class Heartbeat:
                 self._last_pass = None
             self.stage, self.beats = stage, self.beats + 1
 
-    def embedding(self, committed: int) -> None:
+    def embedding(self, committed: int, progress: ProgressState | None = None) -> None:
         """A pass over the shard starts: count what was committed before it."""
         with self._lock:
             self.committed_at_start = committed
+            self.progress = progress or self.progress
             self.embed_started = self.embed_started or time.time()
         self.set_stage("embedding")
         with self._lock:  # the first pass is timed from here: a slow first batch counts
@@ -100,8 +108,16 @@ class Heartbeat:
                 slowest_pass=self.slowest, embedded=self.embedded,
                 committed_at_start=self.committed_at_start,
                 rate=self.embedded / elapsed if elapsed > 0 else 0.0, time=time.time(),
+                interval=self.interval, **self._committed(),
             )
         return heartbeat_document(record)
+
+    def _committed(self) -> dict[str, Any]:
+        """progress.json's fields (plain reads: a report, updated by the upload threads)."""
+        p = self.progress
+        if p is None:
+            return {}
+        return {"done": p.committed, "total": p.total, "updated": p.reported_at or None}
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval):

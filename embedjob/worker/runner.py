@@ -230,7 +230,7 @@ def _run_pass(
                         first_index=next_part_index(store, cfg.shard, cfg.attempt))
     writer.write_progress()  # the model is loaded and this attempt is working
     if stop.heartbeat is not None:
-        stop.heartbeat.embedding(committed.count)
+        stop.heartbeat.embedding(committed.count, progress)
     stop.enter("embedding")
     try:
         embed_rows(cfg, embedder, shard_in, todo, writer, stop, attempt)

@@ -82,15 +82,6 @@ def test_transient_flag_survives() -> None:
     assert cls.classify(pod).transient
 
 
-def test_stuck_counts_from_last_progress() -> None:
-    pod = with_state(MANIFEST, "Running", started=0)
-    prog = ShardProgress(shard=0, done=10, updated=T0 + timedelta(seconds=500))
-    assert cls.stuck(pod, prog, T0 + timedelta(seconds=1000), 600) is None
-    got = cls.stuck(pod, prog, T0 + timedelta(seconds=1200), 600)
-    assert got is not None and got.type == F.stuck
-    assert cls.stuck(pod, None, T0 + timedelta(seconds=700), 600) is not None
-
-
 def test_unschedulable_after_threshold() -> None:
     cond = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
              "message": "0/3 nodes: insufficient nvidia.com/gpu", "lastTransitionTime":

@@ -16,10 +16,13 @@ from operator_helpers import T0, job, with_state
 
 from embedjob.attempts import from_process
 from embedjob.failures import TerminationMessage
+from embedjob.liveness import Beat, beat_interval, verdict
 from embedjob.local.scheduler import Shard, record, start, status_of
 from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import fold
 from embedjob.operator.reconcile import reconcile
 from embedjob.operator.views import IndexInfo, ShardProgress
+from embedjob.progress import HeartbeatRecord
 from embedjob.spec import EmbeddingJobSpec, Phase
 from embedjob.status import dump_status
 
@@ -66,8 +69,17 @@ def _time(step: int) -> float:
     return (step + 1) * STEP
 
 
+SILENT = S.stuck_after_seconds + 1
+"""How long the stuck attempt's heartbeat stays still before it is judged."""
+
+
 def _stuck_reason() -> str:
-    return f"no progress for {int(S.stuck_after_seconds)}s"
+    """The shared rule's words, as both runners get them from liveness.verdict."""
+    beat = Beat(stage="embedding", seen_at=0.0, stage_since=0.0)
+    judged = verdict(beat, SILENT, stuck_after=S.stuck_after_seconds,
+                     beat_interval=beat_interval("s3://b/"))
+    assert judged.stuck
+    return judged.reason
 
 
 def operator_run() -> list[tuple[object, ...]]:
@@ -80,9 +92,13 @@ def operator_run() -> list[tuple[object, ...]]:
         attempt = int(manifest["metadata"]["labels"]["embedjob.io/attempt"])
         prog = {0: ShardProgress(shard=0, attempt=attempt, total=10, done=out.committed,
                                  updated=T0 + timedelta(seconds=t - STEP))}
+        beats = {}
         if out.stuck:
             pod = with_state(manifest, "Running", started=t - STEP, node="")
-            now = T0 + timedelta(seconds=t - STEP + S.stuck_after_seconds)
+            now = T0 + timedelta(seconds=t - STEP + SILENT)
+            record = HeartbeatRecord(attempt=attempt, stage="embedding", beat=3)
+            first = fold(None, attempt, record, (T0.timestamp() + t - STEP), "s3://b/")
+            beats = {0: fold(first, attempt, record, now.timestamp(), "s3://b/")}
         elif out.exit_code == 0:
             pod = with_state(manifest, "Succeeded", exit_code=0, reason="Completed",
                              started=t - STEP, finished=t, node="")
@@ -93,7 +109,7 @@ def operator_run() -> list[tuple[object, ...]]:
                              message=text, started=t - STEP, finished=t, node="")
             now = T0 + timedelta(seconds=t)
         current = job({**status, "phase": "Running"}, shards=1)
-        plan = reconcile(current, [pod], prog, now, S, IDX)
+        plan = reconcile(current, [pod], prog, now, S, IDX, beats)
         decided = [e for e in plan.events if e.key.startswith("decide/")]
         status = plan.status
         seen.append((out.name, [(e.reason, e.failure_type, e.message) for e in decided],
@@ -110,7 +126,7 @@ def local_run() -> list[tuple[object, ...]]:
     seen: list[tuple[object, ...]] = []
     for step, out in enumerate(SCRIPT):
         t = _time(step)
-        finished = t - STEP + S.stuck_after_seconds if out.stuck else t
+        finished = t - STEP + SILENT if out.stuck else t
         start_done = shard.done
         shard = replace(shard, done=out.committed)  # the runner read progress.json
         ended = from_process(

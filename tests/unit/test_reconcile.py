@@ -10,10 +10,12 @@ from operator_helpers import T0, job, with_state
 
 from embedjob.failures import TerminationMessage
 from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import fold
 from embedjob.operator.pods import build_pod
 from embedjob.operator.reconcile import MANIFEST_CAP, reconcile
 from embedjob.operator.views import IndexInfo, ShardProgress
 from embedjob.policy import ShardHistory
+from embedjob.progress import HeartbeatRecord
 from embedjob.ranges import format_ranges
 from embedjob.ranges import range_set as parse_ranges
 
@@ -157,11 +159,22 @@ def test_vanished_pod_is_preempted() -> None:
 
 
 def test_stuck_pod_replaced_then_deleted() -> None:
+    """Stuck from the heartbeat as last read: a beat last seen moving at T0, read again (same
+    value) after the threshold."""
     pods = [running(0), running(1, started=0), running(2)]
     prog = {1: ShardProgress(shard=1, done=5, updated=T0)}
-    now = T0 + timedelta(seconds=S.stuck_after_seconds + 1)
-    plan = reconcile(job(RUNNING), pods, prog, now, S, IDX)
+    t0 = T0.timestamp()
+    record = HeartbeatRecord(attempt=0, stage="embedding", beat=7)
+    first = fold(None, 0, record, t0, "s3://b/o/")
+    late = fold(first, 0, record, t0 + S.stuck_after_seconds + 1, "s3://b/o/")
+    now = T0 + timedelta(seconds=S.stuck_after_seconds + 2)
+    plan = reconcile(job(RUNNING), pods, prog, now, S, IDX, {1: late})
     assert "j-1-1" in names(plan) and "j-1-0" in plan.pods_to_delete
+    assert plan.events[0].reason == "RetryStuck" and "no heartbeat" in plan.events[0].message
+    # Without a recent read (the budget spread reads thin) nothing is concluded; nor from
+    # commits alone (progress.json's age is not liveness).
+    assert names(reconcile(job(RUNNING), pods, prog, now, S, IDX, {1: first})) == []
+    assert names(reconcile(job(RUNNING), pods, prog, now, S, IDX)) == []
 
 
 def test_suspend_deletes_active_pods_and_resume_restarts() -> None:

@@ -15,6 +15,7 @@ from embedjob.operator.config import OperatorSettings, WaitDeadlines
 from embedjob.operator.main import _read_index
 from embedjob.operator.pods import CONTAINER, build_pod
 from embedjob.operator.reconcile import reconcile
+from embedjob.operator.storage_access import StorageRefused, Stores, job_storage
 from embedjob.operator.views import IndexInfo, IndexUnreadable, PodView, pod_view
 from embedjob.operator.waits import pod_wait
 from embedjob.policy import ShardHistory
@@ -186,13 +187,20 @@ def test_an_unreadable_index_is_said_then_fails_from_the_index_pods_finish() -> 
 
 
 def test_the_shell_reads_the_index_or_says_why_not(tmp_path: Path) -> None:
-    spec = job(output={"uri": str(tmp_path)}).spec
-    missing = _read_index(spec)
+    view = job(output={"uri": str(tmp_path)})
+    settings = OperatorSettings()
+    stores, where = Stores(settings, lambda *_: {}), job_storage(
+        view.namespace, view.name, view.spec, settings)
+
+    def read() -> IndexInfo | IndexUnreadable | StorageRefused:
+        return _read_index(stores, view.uid, where)
+
+    missing = read()
     assert isinstance(missing, IndexUnreadable)
-    assert missing.message.startswith(f"cannot read {tmp_path}/{layout.SUMMARY}: ")
+    assert missing.message.startswith(f"cannot read file://{tmp_path}/{layout.SUMMARY}: ")
     (tmp_path / "index").mkdir()
     (tmp_path / layout.SUMMARY).write_text("<html>proxy error</html>")
-    garbage = _read_index(spec)
+    garbage = read()
     assert isinstance(garbage, IndexUnreadable) and "not an index summary" in garbage.message
     (tmp_path / layout.SUMMARY).write_text('{"shards": 4, "sequences": 40}')
-    assert _read_index(spec) == IndexInfo(shards=4, sequences=40)
+    assert read() == IndexInfo(shards=4, sequences=40)

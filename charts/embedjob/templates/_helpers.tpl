@@ -86,13 +86,14 @@ values are left out so that the operator's own defaults (None) apply.
 {{- with $s.affinity }}{{ $_ := set $steps "affinity" . }}{{ end }}
 {{- with $s.priorityClassName }}{{ $_ := set $steps "priorityClassName" . }}{{ end }}
 {{- $o := .Values.operator }}
-{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "waitDeadlines" $o.waitDeadlines "waitEventIntervalSeconds" $o.waitEventIntervalSeconds "workerDefaults" $defaults "indexResources" $s.indexResources "finalizeResources" $s.finalizeResources "stepPods" $steps "security" .Values.security }}
+{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "storageRequestsPerMinute" $o.storageRequestsPerMinute "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "waitDeadlines" $o.waitDeadlines "waitEventIntervalSeconds" $o.waitEventIntervalSeconds "workerDefaults" $defaults "indexResources" $s.indexResources "finalizeResources" $s.finalizeResources "stepPods" $steps "security" .Values.security }}
 {{- toYaml $config }}
 {{- end }}
 
 {{/*
 RBAC rules: exactly what the operator calls (embedjob/operator/rbac.py REQUIRED_RULES;
-tests/integration/test_chart.py asserts equality). No wildcards, no Secrets.
+tests/integration/test_chart.py asserts equality). No wildcards. Secrets: get only (by the
+name a job gives in spec.storage.credentialsSecret, to read its output with its identity).
 */}}
 {{- define "embedjob.rules" -}}
 - apiGroups: ["embedjob.io"]
@@ -110,4 +111,7 @@ tests/integration/test_chart.py asserts equality). No wildcards, no Secrets.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}

@@ -1,0 +1,245 @@
+"""One operator-wide reader of the shards' heartbeats, off the reconcile path.
+
+Each job's loop tells the poller which of its shards run (:meth:`Poller.track`) and which
+attempts just ended (:meth:`Poller.ended`); a thread takes reads from the
+:class:`~embedjob.operator.read_schedule.ReadSchedule` (the budget, the order) and a pool of
+reader threads makes them: one GET of ``heartbeat.json`` per running shard per round (it
+carries progress.json's ``done``/``total``/``rate``/``updated`` too), ``progress.json`` for
+an attempt that ended. Results land in the job's :class:`JobReads`, which the job's
+reconcile takes a snapshot of; blocking storage calls never run on the event loop. A read
+that finds a silent worker wakes its job's loop, so the verdict comes from a fresh read.
+Stores are opened with the job's identity (:mod:`embedjob.operator.storage_access`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+from embedjob import layout
+from embedjob.failures import StorageError
+from embedjob.operator import metrics
+from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import Observed, fold, judge
+from embedjob.operator.read_schedule import HEARTBEAT, PROGRESS, Read, ReadSchedule
+from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores
+from embedjob.progress import ShardProgress, parse_heartbeat, parse_progress, progress_of_heartbeat
+from embedjob.store import ObjectNotFound
+
+log = logging.getLogger("embedjob.operator.poller")
+READERS = 16
+"""Reads in flight at once (S3 GETs take 10-100 ms: 16 threads carry ~200 reads/s)."""
+
+
+class JobReads:
+    """One job's latest reads, shared between the reader threads and the job's loop."""
+
+    def __init__(self, uid: str, name: str, where: JobStorage, wake: Callable[[], None]) -> None:
+        self.uid, self.name, self.where, self.wake = uid, name, where, wake
+        self.progress: dict[int, ShardProgress] = {}
+        self.beats: dict[int, Observed] = {}
+        self.refused: str | None = None
+        """Why nothing of this job is read (said once), None while reads are allowed."""
+        self.failing: str | None = None
+        self._waiters: dict[int, list[Future[None]]] = {}
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> tuple[dict[int, ShardProgress], dict[int, Observed]]:
+        with self._lock:
+            return dict(self.progress), dict(self.beats)
+
+    def put_progress(self, prog: ShardProgress | None) -> None:
+        """Keep the highest committed count seen: a lagging record never lowers it."""
+        if prog is None:
+            return
+        with self._lock:
+            old = self.progress.get(prog.shard)
+            self.progress[prog.shard] = prog if old is None or prog.done >= old.done else (
+                replace(prog, done=old.done))
+
+    def put_beat(self, shard: int, observed: Observed) -> None:
+        with self._lock:
+            self.beats[shard] = observed
+
+    def beat_of(self, shard: int) -> Observed | None:
+        with self._lock:
+            return self.beats.get(shard)
+
+    def keep_only(self, running: Mapping[int, int]) -> None:
+        """Forget heartbeats of shards that no longer run (their progress stays)."""
+        with self._lock:
+            self.beats = {s: o for s, o in self.beats.items() if running.get(s) == o.attempt}
+
+    def waiter(self, shard: int) -> Future[None]:
+        future: Future[None] = Future()
+        with self._lock:
+            self._waiters.setdefault(shard, []).append(future)
+        return future
+
+    def settle(self, shard: int) -> None:
+        with self._lock:
+            waiting = self._waiters.pop(shard, [])
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+class Poller:
+    """The reader: a scheduling thread and :data:`READERS` reader threads."""
+
+    def __init__(self, settings: OperatorSettings, stores: Stores,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.settings, self.stores, self.clock, self.wall = settings, stores, clock, wall
+        self.schedule = ReadSchedule(settings.storage_requests_per_minute,
+                                     settings.progress_poll_seconds, clock())
+        self.jobs: dict[str, JobReads] = {}
+        self._lock = threading.Lock()
+        self._kick = threading.Event()
+        self._free = READERS
+        self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="embedjob-storage")
+        self._thread = threading.Thread(target=self._run, name="embedjob-poller", daemon=True)
+        metrics.STORAGE_BUDGET.set(settings.storage_requests_per_minute)
+
+    def start(self) -> Poller:
+        self._thread.start()
+        return self
+
+    # --- what the job loops call (from the event loop: nothing here blocks)
+
+    def job(self, uid: str, name: str, where: JobStorage, wake: Callable[[], None]) -> JobReads:
+        with self._lock:
+            reads = self.jobs.get(uid)
+            if reads is None:
+                reads = self.jobs[uid] = JobReads(uid, name, where, wake)
+            reads.where = where
+            return reads
+
+    def track(self, uid: str, running: Mapping[int, int]) -> None:
+        """The job's running shards (shard -> attempt) now."""
+        with self._lock:
+            self.schedule.track(uid, running)
+            reads = self.jobs.get(uid)
+        if reads is not None:
+            reads.keep_only(running)
+        self._kick.set()
+
+    def ended(self, uid: str, attempts: Mapping[int, int]) -> list[Future[None]]:
+        """Read progress.json of attempts that ended (shard -> attempt) before any other
+        read; each future is done once its read finished, whatever the outcome."""
+        reads = self.jobs.get(uid)
+        if reads is None or not attempts:
+            return []
+        futures = [reads.waiter(s) for s in attempts]
+        with self._lock:
+            self.schedule.ended(uid, attempts.items())
+        self._kick.set()
+        return futures
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self.schedule.forget(uid)
+            self.jobs.pop(uid, None)
+        self.stores.forget(uid)
+
+    # --- the scheduling thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                now = self.clock()
+                reads = self.schedule.take(now, self._free)
+                self._free -= len(reads)
+                wait = self.schedule.wait(now) if self._free else 1.0
+                metrics.set_read_schedule(self.schedule.interval(),
+                                          self.schedule.planned_per_minute(),
+                                          len(self.schedule.running))
+            for read in reads:
+                self._pool.submit(self._read, read)
+            if not reads:
+                self._kick.wait(min(max(wait, 0.01), 1.0))
+                self._kick.clear()
+
+    # --- the reader threads
+
+    def _read(self, read: Read) -> None:
+        try:
+            self._read_one(read)
+        except Exception:  # a reader thread must never die silently
+            log.exception("unexpected error reading %s of shard %d", read.kind, read.shard)
+        finally:
+            with self._lock:
+                self.schedule.done(read, self.clock())
+                self._free += 1
+            self._kick.set()
+            reads = self.jobs.get(read.job)
+            if reads is not None and read.kind == PROGRESS:
+                reads.settle(read.shard)
+
+    def _read_one(self, read: Read) -> None:
+        reads = self.jobs.get(read.job)
+        if reads is None:
+            return
+        try:
+            store = self.stores.get(read.job, reads.where)
+        except StorageRefused as err:
+            metrics.STORAGE_REQUESTS.labels(kind=read.kind, outcome="refused").inc()
+            reads.refused = err.message  # the job's loop says it, once
+            return
+        reads.refused = None
+        key = (layout.shard_heartbeat if read.kind == HEARTBEAT else layout.shard_progress)(
+            read.shard)
+        data = self._get(reads, store, key, read.kind)
+        at = self.wall()
+        if data is False:
+            return  # storage trouble: no observation (and so no verdict)
+        if read.kind == PROGRESS:
+            reads.put_progress(parse_progress(read.shard, data) if data else None)
+            return
+        record = parse_heartbeat(data) if data else None
+        observed = fold(reads.beat_of(read.shard), read.attempt, record, at, reads.where.uri)
+        reads.put_beat(read.shard, observed)
+        if record is not None:
+            prog = progress_of_heartbeat(read.shard, record)
+            if prog is None and record.stage == "embedding":  # a worker that predates it
+                raw = self._get(reads, store, layout.shard_progress(read.shard), PROGRESS)
+                prog = parse_progress(read.shard, raw) if raw else None
+            reads.put_progress(prog)
+        if judge(observed, at, self.settings).stuck:
+            reads.wake()  # a fresh read found it silent: let the job's loop decide now
+
+    def _get(self, reads: JobReads, store: object, key: str, kind: str) -> bytes | bool | None:
+        """The object's bytes; None when it does not exist yet; False on storage trouble."""
+        try:
+            data: bytes = store.read_bytes(key)  # type: ignore[attr-defined]
+        except ObjectNotFound:
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="missing").inc()
+            return None
+        except StorageError as err:
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="error").inc()
+            if reads.failing != err.message:  # each new trouble once, not once per read
+                reads.failing = err.message
+                log.warning(json.dumps({"job": reads.name, "event": "storage_read_failed",
+                                        "error": err.message}))
+            return False
+        metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="ok").inc()
+        reads.failing = None
+        return data
+
+
+_POLLER: Poller | None = None
+_POLLER_LOCK = threading.Lock()
+
+
+def shared(settings: OperatorSettings, stores: Callable[[], Stores]) -> Poller:
+    """The operator's one poller, started on first use."""
+    global _POLLER
+    with _POLLER_LOCK:
+        if _POLLER is None:
+            _POLLER = Poller(settings, stores()).start()
+        return _POLLER
