@@ -230,6 +230,45 @@ class S3Store:
     def create_bytes(self, key: str, data: bytes) -> bool:
         return self._put_once(self._key(key), data)
 
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its ETag in one GET; None when it does not exist."""
+        full = self._key(key)
+
+        def get() -> tuple[bytes, str] | None:
+            from botocore.exceptions import ClientError
+
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=full)
+            except ClientError as err:
+                code, status = _error_code(err)
+                if code in _NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
+                    return None
+                raise
+            return answer["Body"].read(), str(answer.get("ETag", ""))
+
+        return self._call("read", full, get)
+
+    def replace_bytes(self, key: str, data: bytes, etag: str) -> str | None:
+        """PUT only if the object still has ``etag`` (``If-Match``, AWS since 2024): the new
+        ETag, or None when it was changed or removed meanwhile (412, 409, 404). Exactly one
+        of several writers pinned to the same ETag succeeds. A retried PUT whose first
+        response was lost also gets None: the caller reads back to see whose bytes are there."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        try:
+            answer = self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                            IfMatch=etag)
+        except ClientError as err:
+            code, status = _error_code(err)
+            if code != "NoSuchBucket" and (status in (404, 409, 412) or code in (
+                    "PreconditionFailed", "ConditionalRequestConflict", *_NOT_FOUND_CODES)):
+                return None
+            raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
+        except Exception as err:
+            raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
+        return str(answer.get("ETag", ""))
+
     def upload_file(self, key: str, path: str) -> None:
         full = self._key(key)
         _file_op(path, "read", lambda: os.stat(path))
