@@ -12,6 +12,9 @@ server unless a fault is chosen for it. Faults, per request:
 
 Random faults hit ``rate`` of the requests, drawn from a seeded RNG; :meth:`FaultProxy.force`
 queues deterministic faults for the next matching requests. ``counts`` says what was injected.
+:meth:`FaultProxy.outage` takes the store away until :meth:`FaultProxy.end_outage`: every
+request gets ``503``/``500``, or ``reset`` (the connection is closed before anything is
+forwarded or answered, as when the endpoint is down).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class FaultProxy:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
         self._forced: list[_Forced] = []
+        self._outage: str | None = None
         proxy = self
 
         class Handler(_Handler):
@@ -87,6 +91,16 @@ class FaultProxy:
         with self._lock:
             self._forced.append(_Forced(kind, times, method, contains))
 
+    def outage(self, kind: str = "503") -> None:
+        """Every request from now on gets ``kind`` (503, 500 or reset)."""
+        assert kind in ("503", "500", "reset"), kind
+        with self._lock:
+            self._outage = kind
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage = None
+
     def set_rate(self, rate: float) -> None:
         with self._lock:
             self.rate = rate
@@ -98,7 +112,7 @@ class FaultProxy:
         """The fault for one request (None: forward it untouched)."""
         with self._lock:
             self.requests += 1
-            fault = self._forced_fault(method, path)
+            fault = self._outage or self._forced_fault(method, path)
             if fault is None and self.rate and self._rng.random() < self.rate:
                 usable = [k for k in self.kinds if k != "cut" or _is_object_get(method, path)]
                 fault = self._rng.choice(usable) if usable else None
@@ -152,6 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.owner.choose(self.command, self.path)
         if fault in _ERRORS:
             return self._error(*_ERRORS[fault])
+        if fault == "reset":
+            return self._hang_up()
         if fault == "delay":
             time.sleep(self.owner.delay_seconds())
         status, reason, headers, payload = self._forward(body)

@@ -67,7 +67,8 @@ class Lease:
     def document(self, now: float | None = None) -> dict[str, object]:
         now = time.time() if now is None else now
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "since": self._since, "expires": now + LEASE_SECONDS}
+                "since": self._since, "expires": now + LEASE_SECONDS,
+                "process": process_identity(os.getpid())}
 
     # --- taking and giving back
     def acquire(self) -> Lease:
@@ -118,7 +119,7 @@ class Lease:
             if etag is not None and doc.get("token") == self.token:  # ours
                 self._etag = etag
                 return
-            if etag is not None and float(str(doc.get("expires", 0))) > time.time():
+            if etag is not None and _live(doc):
                 raise _in_use(self.store.uri, doc)
             if attempt == TAKEOVER_TRIES:
                 break
@@ -162,6 +163,39 @@ class Lease:
             return _parse(self.store.read_bytes(LEASE_KEY).decode(errors="replace"))
         except ObjectNotFound:  # other storage errors propagate: an outage is not "free"
             return {}
+
+
+def process_identity(pid: int) -> str | None:
+    """'<boot id>/<pid>/<start time>': names one live process on this machine across pid
+    reuse (None when it has exited, or where /proc does not say)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    boot = _boot_id()
+    if not boot or len(fields) < 20 or fields[0] == "Z":  # a zombie has exited
+        return None
+    return f"{boot}/{pid}/{fields[19]}"
+
+
+def _live(doc: dict[str, object]) -> bool:
+    """Is the lease's runner still there? Not past its expiry — and, when it ran on this
+    machine, its process still exists (a runner that gave up during a storage outage, or was
+    killed, could not delete its lease; a re-run here need not wait out the expiry)."""
+    if float(str(doc.get("expires", 0))) <= time.time():
+        return False
+    holder, boot = doc.get("process"), _boot_id()
+    if not isinstance(holder, str) or not boot or not holder.startswith(f"{boot}/"):
+        return True  # another machine (or no /proc): only the expiry can tell
+    pid = holder.split("/")[1]
+    return pid.isdigit() and process_identity(int(pid)) == holder
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _parse(text: str) -> dict[str, object]:
