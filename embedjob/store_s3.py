@@ -199,8 +199,9 @@ class S3Store:
         except Exception as err:
             raise map_s3_error(err, action, f"s3://{self.bucket}/{key}") from None
 
-    def open_read(self, key: str) -> BinaryIO:
-        """Stream an object; a body cut off mid-way is resumed (embedjob.s3io)."""
+    def open_read(self, key: str, etags: list[str] | None = None) -> BinaryIO:
+        """Stream an object; a body cut off mid-way is resumed (embedjob.s3io). ``etags``
+        receives the object's ETag."""
         full = self._key(key)
         uri = f"s3://{self.bucket}/{full}"
 
@@ -210,6 +211,8 @@ class S3Store:
                 extra["IfMatch"] = etag  # the same object, not one replaced meanwhile
             answer = self._call("read", full, lambda: self.client.get_object(
                 Bucket=self.bucket, Key=full, **extra))
+            if etags is not None and not etag:
+                etags.append(str(answer.get("ETag", "")))
             return answer["Body"], answer.get("ETag")
 
         reader = RetryingBody(fetch, uri, lambda err: map_s3_error(err, "read", uri))
@@ -231,22 +234,13 @@ class S3Store:
         return self._put_once(self._key(key), data)
 
     def read_tagged(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and its ETag in one GET; None when it does not exist."""
-        full = self._key(key)
-
-        def get() -> tuple[bytes, str] | None:
-            from botocore.exceptions import ClientError
-
-            try:
-                answer = self.client.get_object(Bucket=self.bucket, Key=full)
-            except ClientError as err:
-                code, status = _error_code(err)
-                if code in _NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
-                    return None
-                raise
-            return answer["Body"].read(), str(answer.get("ETag", ""))
-
-        return self._call("read", full, get)
+        """The object's bytes and its ETag (a cut body resumed); None when it does not exist."""
+        etags: list[str] = []
+        try:
+            with self.open_read(key, etags) as stream:
+                return stream.read(), etags[0]
+        except ObjectNotFound:
+            return None
 
     def replace_bytes(self, key: str, data: bytes, etag: str) -> str | None:
         """PUT only if the object still has ``etag`` (``If-Match``, AWS since 2024): the new
