@@ -132,7 +132,7 @@ class NumericalError(EmbedjobError):
 
 
 class PoisonInput(EmbedjobError):
-    """A batch crashed the model twice; ``details['ids']`` are the suspects."""
+    """A batch crashed the model twice (the suspects: the batch's ``rows``)."""
 
     failure = FailureType.poison_input
     exit_code = EXIT_POISON
@@ -149,6 +149,10 @@ class TerminationMessage:
     batch: int | None = None
     transient: bool = False
     ids: list[str] = field(default_factory=list)
+    """The batch's sequence ids, for people (left out when they do not fit in 4 KiB)."""
+    rows: str | None = None
+    """The batch's run of positions in the shard's batch order (:mod:`embedjob.batch_order`),
+    e.g. ``"120-134"``: what poison bisection works from, whatever the ids' length."""
     batch_tokens: int | None = None
     """The token budget the attempt ran at (what ``auto`` chose): the OOM policy halves it."""
     precision: str | None = None
@@ -199,6 +203,8 @@ class Failure:
     ids: tuple[str, ...] = ()
     batch_tokens: int | None = None
     precision: str | None = None
+    rows: str = ""
+    """The crashed batch's run of positions in the shard's batch order (``""``: none)."""
 
 
 def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> Failure:
@@ -209,7 +215,8 @@ def classify_exit(exit_code: int | None, message: TerminationMessage | None) -> 
         except ValueError:
             kind = FailureType.generic
         return Failure(kind, message.message, message.transient, ids=tuple(message.ids),
-                       batch_tokens=message.batch_tokens, precision=message.precision)
+                       batch_tokens=message.batch_tokens, precision=message.precision,
+                       rows=message.rows or "")
     if exit_code is not None and exit_code < 0:  # a local process killed by a signal
         exit_code = 128 - exit_code
     kind = _TYPE_BY_EXIT.get(exit_code or EXIT_GENERIC, FailureType.generic)

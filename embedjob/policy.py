@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
+from embedjob.batch_order import parse_run, within
 from embedjob.failures import Failure, FailureType
 from embedjob.spec import EmbeddingJobSpec
 
@@ -30,6 +31,8 @@ MAX_AVOIDED_NODES = 16
 """Anti-affinity lists stay short: a pool with more bad nodes has a different problem."""
 MAX_POISON_STEPS = 8
 """Bisect/quarantine steps in a row without progress before the shard gives up."""
+MAX_ISOLATED_RUNS = 16
+"""Runs of positions kept in ``isolate`` (the newest): each is a few bytes."""
 PRECISION_LADDER = ("fp16", "bf16", "fp32")
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
@@ -50,11 +53,14 @@ class ShardHistory:
     """Precision override for the next attempt (None: the spec's value)."""
     avoid_nodes: tuple[str, ...] = ()
     suspects: tuple[str, ...] = ()
-    """Ids of the batch that crashed the model last time (to recognise a repeat)."""
+    """The run of positions (:mod:`embedjob.batch_order`, e.g. ``"120-134"``) of the batch
+    that crashed the model last time, to recognise a repeat; a few bytes, whatever the ids."""
     isolate: tuple[str, ...] = ()
-    """Ids the next attempt runs one per batch (bisecting a batch that crashed twice)."""
+    """Runs of positions whose sequences the next attempt runs one per batch (bisecting a
+    batch that crashed twice)."""
     quarantined: tuple[str, ...] = ()
-    """Ids left out of the shard for good (listed in the shard's done.json/manifest)."""
+    """Ids left out of the shard for good (listed in the shard's done.json/manifest); one per
+    poison step, at most ``MAX_POISON_STEPS`` in a row without progress."""
 
     def count(self, kind: FailureType) -> int:
         return int(self.failures.get(kind.value, 0))
@@ -242,7 +248,7 @@ def _cuda(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -
     if poison is not None:
         return poison
     h = _counted(h, FailureType.cuda_error, progress)
-    h = replace(h, suspects=f.ids)
+    h = replace(h, suspects=(f.rows,) if parse_run(f.rows) else ())
     if f.node and f.node not in h.avoid_nodes:
         h = replace(h, avoid_nodes=(*h.avoid_nodes, f.node)[-MAX_AVOIDED_NODES:])
     if _over_budget(spec, h, FailureType.cuda_error):
@@ -254,30 +260,32 @@ def _cuda(spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool) -
 def _poison_step(
     spec: EmbeddingJobSpec, h: ShardHistory, f: Failure, progress: bool
 ) -> Decision | None:
-    """Bisect a batch that crashed twice, quarantine a single id; None: not a repeat."""
-    ids = tuple(dict.fromkeys(f.ids))
-    if not ids:
+    """Bisect a batch that crashed twice, quarantine a single sequence; None: not a repeat.
+    The batch is known by its run of positions (``f.rows``), never by its ids."""
+    span = parse_run(f.rows)
+    if span is None:
         return None
-    repeat = f.type is FailureType.poison_input or set(ids) == set(h.suspects)
-    single_suspect = len(ids) == 1 and (ids[0] in h.isolate or repeat)
-    if not (repeat or single_suspect):
+    repeat = f.type is FailureType.poison_input or within(f.rows, h.suspects)
+    single = span[0] == span[1]
+    if not (repeat or (single and within(f.rows, h.isolate))):
         return None
     h = _counted(h, FailureType.poison_input, progress)
+    what = _names(f.ids) if f.ids else f"at position(s) {f.rows} of the shard's batch order"
     if not spec.retry.quarantine:
-        return _fail(h, f"sequence(s) {_names(ids)} crash the model; remove them or enable "
+        return _fail(h, f"sequence(s) {what} crash the model; remove them or enable "
                         "retry.quarantine")
     if h.count(FailureType.poison_input) >= MAX_POISON_STEPS:
-        return _fail(h, f"gave up bisecting crashing sequences {_names(ids)}: {f.message}")
-    if len(ids) == 1:
-        h = replace(
-            h,
-            quarantined=(*h.quarantined, ids[0]),
-            isolate=tuple(i for i in h.isolate if i != ids[0]),
-            suspects=(),
-        )
-        return _retry(h, f"sequence {ids[0]} crashes the model; quarantined, continuing")
-    h = replace(h, isolate=tuple(dict.fromkeys((*h.isolate, *ids))), suspects=())
-    return _retry(h, f"batch of {len(ids)} sequences crashed twice; running them one by one")
+        return _fail(h, f"gave up bisecting crashing sequences {what}: {f.message}")
+    if single and len(f.ids) != 1:  # its id did not fit in the 4 KiB termination message
+        return _fail(h, f"the sequence {what} crashes the model and its id is too long to "
+                        "quarantine; remove it from the input")
+    if single:
+        h = replace(h, quarantined=(*h.quarantined, f.ids[0]), suspects=())
+        return _retry(h, f"sequence {f.ids[0]} crashes the model; quarantined, continuing")
+    runs = tuple(dict.fromkeys((*h.isolate, f.rows)))[-MAX_ISOLATED_RUNS:]
+    h = replace(h, isolate=runs, suspects=())
+    return _retry(h, f"the batch at positions {f.rows} crashed twice; running its sequences "
+                     "one by one")
 
 
 def _names(ids: tuple[str, ...]) -> str:

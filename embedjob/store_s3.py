@@ -201,8 +201,9 @@ class S3Store:
         except Exception as err:
             raise map_s3_error(err, action, f"s3://{self.bucket}/{key}") from None
 
-    def open_read(self, key: str) -> BinaryIO:
-        """Stream an object; a body cut off mid-way is resumed (embedjob.s3io)."""
+    def open_read(self, key: str, etags: list[str] | None = None) -> BinaryIO:
+        """Stream an object; a body cut off mid-way is resumed (embedjob.s3io). ``etags``
+        receives the object's ETag."""
         full = self._key(key)
         uri = f"s3://{self.bucket}/{full}"
 
@@ -212,6 +213,8 @@ class S3Store:
                 extra["IfMatch"] = etag  # the same object, not one replaced meanwhile
             answer = self._call("read", full, lambda: self.client.get_object(
                 Bucket=self.bucket, Key=full, **extra))
+            if etags is not None and not etag:
+                etags.append(str(answer.get("ETag", "")))
             return answer["Body"], answer.get("ETag")
 
         reader = RetryingBody(fetch, uri, lambda err: map_s3_error(err, "read", uri))
@@ -231,6 +234,36 @@ class S3Store:
 
     def create_bytes(self, key: str, data: bytes) -> bool:
         return self._put_once(self._key(key), data)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its ETag (a cut body resumed); None when it does not exist."""
+        etags: list[str] = []
+        try:
+            with self.open_read(key, etags) as stream:
+                return stream.read(), etags[0]
+        except ObjectNotFound:
+            return None
+
+    def replace_bytes(self, key: str, data: bytes, etag: str) -> str | None:
+        """PUT only if the object still has ``etag`` (``If-Match``, AWS since 2024): the new
+        ETag, or None when it was changed or removed meanwhile (412, 409, 404). Exactly one
+        of several writers pinned to the same ETag succeeds. A retried PUT whose first
+        response was lost also gets None: the caller reads back to see whose bytes are there."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        try:
+            answer = self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                            IfMatch=etag)
+        except ClientError as err:
+            code, status = _error_code(err)
+            if code != "NoSuchBucket" and (status in (404, 409, 412) or code in (
+                    "PreconditionFailed", "ConditionalRequestConflict", *_NOT_FOUND_CODES)):
+                return None
+            raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
+        except Exception as err:
+            raise map_s3_error(err, "write to", f"s3://{self.bucket}/{full}") from None
+        return str(answer.get("ETag", ""))
 
     def upload_file(self, key: str, path: str) -> None:
         full = self._key(key)

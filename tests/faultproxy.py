@@ -15,6 +15,9 @@ Random faults hit ``rate`` of the requests, drawn from a seeded RNG; :meth:`Faul
 queues deterministic faults for the next matching requests. ``counts`` says what was injected;
 ``signed`` records who signed each request (the SigV4 access key id, the method, the path), so a
 test can see which identity a client used.
+:meth:`FaultProxy.outage` takes the store away until :meth:`FaultProxy.end_outage`: every
+request gets ``503``/``500``, or ``reset`` (the connection is closed before anything is
+forwarded or answered, as when the endpoint is down).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class FaultProxy:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
         self._forced: list[_Forced] = []
+        self._outage: str | None = None
         proxy = self
 
         class Handler(_Handler):
@@ -93,6 +97,16 @@ class FaultProxy:
         with self._lock:
             self._forced.append(_Forced(kind, times, method, contains, header))
 
+    def outage(self, kind: str = "503") -> None:
+        """Every request from now on gets ``kind`` (503, 500 or reset)."""
+        assert kind in ("503", "500", "reset"), kind
+        with self._lock:
+            self._outage = kind
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage = None
+
     def set_rate(self, rate: float) -> None:
         with self._lock:
             self.rate = rate
@@ -110,7 +124,7 @@ class FaultProxy:
         """The fault for one request (None: forward it untouched)."""
         with self._lock:
             self.requests += 1
-            fault = self._forced_fault(method, path, headers)
+            fault = self._outage or self._forced_fault(method, path, headers)
             if fault is None and self.rate and self._rng.random() < self.rate:
                 usable = [k for k in self.kinds if k != "cut" or _is_object_get(method, path)]
                 fault = self._rng.choice(usable) if usable else None
@@ -165,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.owner.choose(self.command, self.path, str(self.headers))
         if fault in _ERRORS:
             return self._error(*_ERRORS[fault])
+        if fault == "reset":
+            return self._hang_up()
         if fault == "delay":
             time.sleep(self.owner.delay_seconds())
         status, reason, headers, payload = self._forward(body)

@@ -348,10 +348,11 @@ class LocalRun:
             return
         except StorageError as err:
             give_up, line = self.patience.failed(now, err.message)
-            self.view.event(line)
             if give_up:
                 self.gave_up = line
-                self._stop_workers(line)
+                self._stop_workers(line)  # which says the line, once
+            else:
+                self.view.event(line)
             return
         back = self.patience.succeeded(now)
         if back:

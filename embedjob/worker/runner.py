@@ -20,6 +20,7 @@ import numpy as np
 
 from embedjob import layout
 from embedjob.alphabets import alphabet_for
+from embedjob.batch_order import isolated_mask, positions, run_of
 from embedjob.failures import (
     ConfigError,
     EmbedjobError,
@@ -63,7 +64,9 @@ class WorkerConfig:
     max_tokens: int | None = None
     precision: str | None = None
     quarantine: frozenset[str] = frozenset()
+    """Sequence ids left out."""
     isolate: tuple[str, ...] = ()
+    """Runs of positions in the batch order (``"120-134"``) embedded one per batch."""
     workdir: str | None = None
 
     @property
@@ -75,9 +78,9 @@ def _json_list(text: str | None, name: str) -> list[str]:
     try:
         value = json.loads(text or "[]")
     except ValueError:
-        raise ConfigError(f"{name} must be a JSON list of sequence ids") from None
+        raise ConfigError(f"{name} must be a JSON list of strings") from None
     if not isinstance(value, list):
-        raise ConfigError(f"{name} must be a JSON list of sequence ids")
+        raise ConfigError(f"{name} must be a JSON list of strings")
     return [str(v) for v in value]
 
 
@@ -127,15 +130,16 @@ def install_stop_handler() -> Stopper:
 
 
 def plan_batches(
-    lengths: np.ndarray, todo: np.ndarray, ids: list[str], isolate: set[str],
-    tokens_for: object, max_tokens: int,
+    costs: np.ndarray, where: np.ndarray, todo: np.ndarray, isolated: np.ndarray,
+    max_tokens: int,
 ) -> list[np.ndarray]:
-    """Rows to embed, batched: isolated suspects alone first, then length-sorted batches."""
-    alone = np.asarray([r for r in todo.tolist() if ids[r] in isolate], dtype=np.int64)
-    rest = np.asarray([r for r in todo.tolist() if ids[r] not in isolate], dtype=np.int64)
-    costs = [tokens_for(int(n)) for n in lengths[rest]]  # type: ignore[operator]
+    """Rows to embed, batched: isolated suspects alone first, then batches longest first.
+    ``where``: each row's position in the batch order; ``isolated``: a mask over positions."""
+    alone_mask = isolated[where[todo]]
+    alone, rest = todo[alone_mask], todo[~alone_mask]
     batches = [np.asarray([r]) for r in alone]
-    batches += [rest[np.asarray(b, dtype=np.int64)] for b in make_batches(costs, max_tokens)]
+    batches += [rest[np.asarray(b, dtype=np.int64)]
+                for b in make_batches(costs[rest].tolist(), max_tokens)]
     return batches
 
 
@@ -155,6 +159,8 @@ class Attempt:
 
     batch: int | None = None
     batch_ids: list[str] = field(default_factory=list)
+    batch_rows: str = ""
+    """The batch's run of positions in the shard's batch order (embedjob.batch_order)."""
     done: int = 0
     batch_tokens: int | None = None
 
@@ -166,14 +172,19 @@ def embed_rows(
     """Embed ``todo`` rows batch by batch, handing results to the writer."""
     failpoints = Failpoints.from_env(cfg.shard, cfg.attempt)
     dtype = np.dtype(cfg.spec.output.dtype)
-    batches = plan_batches(shard_in.lengths, todo, shard_in.ids, set(cfg.isolate),
-                           embedder.tokens_for, cfg.tokens_per_batch)  # type: ignore[attr-defined]
+    tokens_for = embedder.tokens_for  # type: ignore[attr-defined]
+    costs = np.fromiter((tokens_for(int(n)) for n in shard_in.lengths), dtype=np.int64,
+                        count=len(shard_in))
+    where = positions(costs)
+    batches = plan_batches(costs, where, todo, isolated_mask(cfg.isolate, len(shard_in)),
+                           cfg.tokens_per_batch)
     for number, rows in enumerate(batches):
         if stop.flag.is_set():
             log("worker.stopping", batch=number)
             return
         ids = [shard_in.ids[r] for r in rows.tolist()]
         attempt.batch, attempt.batch_ids = number, ids
+        attempt.batch_rows = run_of(where[rows].tolist())
         failpoints.before_batch(number, ids)
         emb = embedder.embed([shard_in.seq(r) for r in rows.tolist()])  # type: ignore[attr-defined]
         failpoints.after_batch(number, ids, emb)
@@ -182,7 +193,7 @@ def embed_rows(
         attempt.done += len(ids)
         if stop.heartbeat is not None:
             stop.heartbeat.rows_embedded(len(ids))
-        attempt.batch, attempt.batch_ids = None, []
+        attempt.batch, attempt.batch_ids, attempt.batch_rows = None, [], ""
         if writer.due():
             writer.flush()
 
@@ -376,6 +387,7 @@ def main(env: Mapping[str, str] | None = None, signalled: Sequence[int] = ()) ->
             batch=attempt.batch, transient=getattr(err, "transient", False),
             batch_tokens=attempt.batch_tokens, precision=err.details.get("precision"),
             ids=list(err.details.get("ids", batch_ids)),
+            rows=attempt.batch_rows if attempt.batch is not None else None,
         )
         write_termination_message(message)
         log("worker.failed", type=err.failure.value, error=err.message)
@@ -389,5 +401,6 @@ def main(env: Mapping[str, str] | None = None, signalled: Sequence[int] = ()) ->
         write_termination_message(TerminationMessage(
             type="generic", message=f"{type(err).__name__}: {err}".splitlines()[0][:500],
             done_this_attempt=attempt.done, batch=attempt.batch, ids=attempt.batch_ids,
+            rows=attempt.batch_rows or None,
         ))
         raise

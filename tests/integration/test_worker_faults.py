@@ -158,8 +158,10 @@ def test_failpoints_map_to_exit_codes_and_keep_earlier_work(
     assert msg["type"] == kind and msg["batch"] == 2
     assert msg["committed"] > 0, "batches before the failure must be saved"
     assert "Traceback" not in worker.output()
-    if kind == "cuda_error":
-        assert len(msg["ids"]) > 0
+    if kind == "cuda_error":  # the batch by id (for people) and by positions (for bisection)
+        assert len(msg["ids"]) > 0 and msg["rows"]
+        lo, _, hi = msg["rows"].partition("-")
+        assert int(hi or lo) - int(lo) + 1 >= len(msg["ids"])
 
 
 def test_kill_leaves_no_message_and_resume_completes(fasta, reference, tmp_path) -> None:

@@ -9,13 +9,15 @@ from embedjob.failures import (
 
 def test_termination_message_round_trip_and_size_cap(tmp_path) -> None:
     msg = TerminationMessage(type="cuda_error", message="boom", committed=5, batch=3,
-                             ids=[f"seq{i}" for i in range(2000)])
+                             ids=[f"seq{i}" for i in range(2000)], rows="1000-2999")
     path = tmp_path / "termination-log"
     write_termination_message(msg, str(path))
     text = path.read_text()
     assert len(text.encode()) <= 4096  # the kubelet keeps at most 4 KiB
     back = TerminationMessage.from_json(text)
     assert back is not None and back.type == "cuda_error" and back.committed == 5
+    # The ids did not fit; the batch's positions, which bisection works from, always do.
+    assert back.ids == [] and classify_exit(81, back).rows == "1000-2999"
 
 
 def test_unwritable_termination_log_is_skipped() -> None:

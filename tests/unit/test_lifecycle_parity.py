@@ -53,11 +53,11 @@ SCRIPT = [
     Outcome("gpu oom", 80, _msg("gpu_oom", "CUDA out of memory", committed=2,
                                 batch_tokens=4096), committed=2),
     Outcome("cuda error", 81, _msg("cuda_error", "device-side assert", committed=2,
-                                   ids=["a", "b"]), committed=2),
+                                   ids=["a", "b"], rows="0-1"), committed=2),
     Outcome("cuda error again", 81, _msg("cuda_error", "device-side assert", committed=2,
-                                         ids=["a", "b"]), committed=2),
+                                         ids=["a", "b"], rows="0-1"), committed=2),
     Outcome("poison id", 81, _msg("cuda_error", "device-side assert", committed=2,
-                                  ids=["a"]), committed=2),
+                                  ids=["a"], rows="0"), committed=2),
     Outcome("nan", 82, _msg("numerical", "NaN/Inf at bf16", committed=4, precision="bf16"),
             committed=4),
     Outcome("stuck", -9, committed=4, stuck=True),
@@ -177,4 +177,4 @@ def test_the_script_walks_every_policy_branch() -> None:
                        "RetryCudaError", "RetryNumerical", "RetryStuck"]
     final = json.loads(operator_run()[-2][2])["manifest"][0]
     assert final["batchTokens"] == 2048 and final["precision"] == "fp32"
-    assert final["quarantine"] == ["a"] and final["isolate"] == ["b"]
+    assert final["quarantine"] == ["a"] and final["isolate"] == ["0-1"]

@@ -157,3 +157,26 @@ def test_the_live_view_puts_the_bar_and_the_table_header_on_separate_lines() -> 
     assert "1/2 shards done" in lines[bar] and "shard" not in lines[bar].replace("shards", "")
     assert lines[bar + 1].split()[:3] == ["shard", "state", "attempt"]
     assert lines[0].startswith("demo: 10 committed + 0 in flight of 20 sequences (50.0%)")
+
+
+def test_an_s3_lease_of_a_process_gone_from_this_machine_is_not_live() -> None:
+    """A runner that gave up in a storage outage (or was killed) could not delete its lease;
+    on its own machine a re-run sees that the process is gone, before the expiry."""
+    import os
+    import subprocess
+    import time
+
+    from embedjob.local.lease import _live, process_identity
+
+    ahead = time.time() + 90
+    assert _live({"expires": ahead, "process": process_identity(os.getpid())})
+    gone = subprocess.run(["sh", "-c", "cat /proc/self/stat"], capture_output=True, text=True)
+    assert gone.returncode == 0
+    pid = int(gone.stdout.split()[0])
+    me = str(process_identity(os.getpid()))
+    boot = me.split("/")[0]
+    assert not _live({"expires": ahead, "process": f"{boot}/{pid}/1"})  # exited
+    assert not _live({"expires": ahead, "process": f"{me}1"})  # the pid reused: other start
+    assert _live({"expires": ahead, "process": f"another-boot/{pid}/1"})  # another machine
+    assert _live({"expires": ahead})  # no identity: only the expiry tells
+    assert not _live({"expires": time.time() - 1, "process": me})

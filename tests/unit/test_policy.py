@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from embedjob.failures import Failure, FailureType
-from embedjob.policy import Decision, ShardHistory, decide, worker_env
+from embedjob.policy import MAX_ISOLATED_RUNS, Decision, ShardHistory, decide, worker_env
 from embedjob.spec import parse_spec
 
 F = FailureType
@@ -99,17 +100,34 @@ SINGLE = [
     ("cuda circuit breaker", {}, hist(failures={"cuda_error": 1}, avoid_nodes=("n1",)),
      Failure(F.cuda_error, "device assert", node="n2"), False, "fail",
      lambda d: d.history.avoid_nodes == ("n1", "n2")),
-    ("cuda same batch twice bisects", {}, hist(failures={"cuda_error": 1}, suspects=("a", "b")),
-     Failure(F.cuda_error, "assert", ids=("b", "a")), False, "retry",
-     lambda d: set(d.isolate) == {"a", "b"} and d.history.suspects == ()),
-    ("cuda isolated single id quarantined", {}, hist(isolate=("a", "b")),
-     Failure(F.cuda_error, "assert", ids=("b",)), False, "retry",
-     lambda d: d.history.quarantined == ("b",) and d.isolate == ("a",)),
-    ("poison single id from worker", {}, hist(), Failure(F.poison_input, "x", ids=("z",)),
+    ("cuda same batch twice bisects", {}, hist(failures={"cuda_error": 1}, suspects=("4-9",)),
+     Failure(F.cuda_error, "assert", ids=("b", "a"), rows="4-9"), False, "retry",
+     lambda d: d.isolate == ("4-9",) and d.history.suspects == ()),
+    ("a smaller batch inside the suspects is a repeat", {},
+     hist(failures={"cuda_error": 1}, suspects=("4-9",)),
+     Failure(F.cuda_error, "assert", rows="5-7"), False, "retry",
+     lambda d: d.isolate == ("5-7",)),
+    ("a batch beside the suspects is not", {}, hist(failures={"cuda_error": 1},
+                                                    suspects=("4-9",)),
+     Failure(F.cuda_error, "assert", rows="8-12"), False, "fail",
+     lambda d: "cuda_error" in d.reason),
+    ("cuda isolated single id quarantined", {}, hist(isolate=("4-9",)),
+     Failure(F.cuda_error, "assert", ids=("b",), rows="6"), False, "retry",
+     lambda d: d.history.quarantined == ("b",) and d.isolate == ("4-9",)),
+    ("ids alone bisect nothing", {}, hist(failures={"cuda_error": 1}, suspects=("4-9",)),
+     Failure(F.cuda_error, "assert", ids=("a",)), False, "fail", lambda d: not d.isolate),
+    ("poison single id from worker", {}, hist(),
+     Failure(F.poison_input, "x", ids=("z",), rows="3"),
      False, "retry", lambda d: d.history.quarantined == ("z",)),
     ("poison without quarantine fails", {"retry": {"quarantine": False}}, hist(),
-     Failure(F.poison_input, "x", ids=("z",)), False, "fail",
-     lambda d: "retry.quarantine" in d.reason),
+     Failure(F.poison_input, "x", ids=("z",), rows="3"), False, "fail",
+     lambda d: "retry.quarantine" in d.reason and "z" in d.reason),
+    ("poison whose ids did not fit is named by position", {"retry": {"quarantine": False}},
+     hist(), Failure(F.poison_input, "x", rows="3-40"), False, "fail",
+     lambda d: "position(s) 3-40" in d.reason),
+    ("a single poison whose id did not fit is refused in one line", {}, hist(isolate=("0-9",)),
+     Failure(F.cuda_error, "x", rows="3"), False, "fail",
+     lambda d: "too long to quarantine" in d.reason and d.history.quarantined == ()),
     ("unschedulable spends nothing", {}, hist(), Failure(F.unschedulable, "no GPU"), False,
      "retry", lambda d: d.history == ShardHistory()),
     ("admission refusal spends no generic budget", {"retry": {"generic": 1}}, hist(),
@@ -156,28 +174,39 @@ def test_flaky_spot_pool_never_fails_while_progressing() -> None:
 def test_cuda_error_twice_on_different_batches_fails() -> None:
     s = spec()
     seq = [
-        (Failure(F.cuda_error, "e", node="n1", ids=("a",)), False),
-        (Failure(F.cuda_error, "e", node="n2", ids=("b",)), False),
+        (Failure(F.cuda_error, "e", node="n1", ids=("a",), rows="0"), False),
+        (Failure(F.cuda_error, "e", node="n2", ids=("b",), rows="1"), False),
     ]
     assert [d.action for d in run_sequence(s, seq)] == ["retry", "fail"]
 
 
 def test_poison_batch_bisected_then_quarantined_then_done() -> None:
+    """The batch is known by its run of positions, never by its ids: however long they
+    are, the history stays a few bytes."""
     s = spec()
-    batch = ("s1", "s2", "s3", "s4")
+    batch = tuple("x" * 5000 + str(i) for i in range(4))  # ids far past 4 KiB together
     seq = [
-        (Failure(F.cuda_error, "assert", node="n1", ids=batch), False),
-        (Failure(F.cuda_error, "assert", node="n2", ids=batch), False),
-        (Failure(F.cuda_error, "assert", node="n3", ids=("s3",)), False),
+        (Failure(F.cuda_error, "assert", node="n1", ids=(), rows="120-123"), False),
+        (Failure(F.cuda_error, "assert", node="n2", ids=(), rows="120-123"), False),
+        (Failure(F.cuda_error, "assert", node="n3", ids=(batch[2],), rows="122"), False),
     ]
     d1, d2, d3 = run_sequence(s, seq)
-    assert d1.retry and d1.history.suspects == batch
-    assert d2.retry and set(d2.isolate) == set(batch)
-    assert d3.retry and d3.history.quarantined == ("s3",)
-    assert "s3" not in d3.isolate
+    assert d1.retry and d1.history.suspects == ("120-123",)
+    assert d2.retry and d2.isolate == ("120-123",) and "one by one" in d2.reason
+    assert d3.retry and d3.history.quarantined == (batch[2],)
     env = worker_env(d3.history)
-    assert env["EMBEDJOB_QUARANTINE"] == '["s3"]'
-    assert "EMBEDJOB_ISOLATE" in env
+    assert json.loads(env["EMBEDJOB_QUARANTINE"]) == [batch[2]]
+    assert json.loads(env["EMBEDJOB_ISOLATE"]) == ["120-123"]
+    assert len(d2.history.to_json()) < 200  # the ids alone are 20 kB
+
+
+def test_isolated_runs_stay_bounded() -> None:
+    h = hist()
+    for k in range(40):
+        h = replace(h, suspects=(f"{10 * k}-{10 * k + 5}",))
+        d = decide(spec(), h, Failure(F.cuda_error, "a", rows=f"{10 * k}-{10 * k + 5}"), True)
+        h = d.history
+    assert len(h.isolate) == MAX_ISOLATED_RUNS and h.isolate[-1] == "390-395"
 
 
 def test_oom_walks_down_to_floor_then_fails() -> None:
@@ -190,7 +219,7 @@ def test_oom_walks_down_to_floor_then_fails() -> None:
 def test_history_round_trips_through_json() -> None:
     h = ShardHistory(
         attempts=3, failures={"gpu_oom": 2}, max_tokens=512, precision="bf16",
-        avoid_nodes=("n1",), suspects=("a",), isolate=("b", "c"), quarantined=("d",),
+        avoid_nodes=("n1",), suspects=("3-9",), isolate=("3-9", "12"), quarantined=("d",),
     )
     assert ShardHistory.from_json(h.to_json()) == h
     assert ShardHistory().to_json() == "{}"
