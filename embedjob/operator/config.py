@@ -124,6 +124,10 @@ class OperatorSettings(_Model):
     unschedulable_after_seconds: float = Field(
         300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"
     )
+    create_chunk: int = Field(
+        250, ge=1, description="Most pods one reconcile pass of a job creates; the status is "
+        "written and replacements go first before the next chunk"
+    )
     worker_defaults: WorkerDefaults = Field(default_factory=WorkerDefaults)
     index_resources: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_INDEX_RESOURCES),
