@@ -78,6 +78,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     kube.kopf_timeouts(settings)  # kopf's own requests get the same limits as ours
     metrics.serve(memo.settings.metrics_port)
+
+
+@kopf.on.startup()
+async def loop_health(**_: Any) -> None:
+    """The event-loop lag probe (metrics), and a garbage collector tuned for big passes."""
     pacing.tune_gc()
     LAG_PROBE.start()
 
