@@ -279,6 +279,7 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
             "progressPollSeconds": 11,
             "stuckAfterSeconds": 600,
             "unschedulableAfterSeconds": 120,
+            "createChunk": 40,
         },
     }
     config = operator_config(render(helm, tmp_path, values))
@@ -298,6 +299,7 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
         "minio-credentials",
     )
     assert (config.status_interval_seconds, config.progress_poll_seconds) == (7, 11)
+    assert config.create_chunk == 40
     assert (config.stuck_after_seconds, config.unschedulable_after_seconds) == (600, 120)
 
 
