@@ -142,6 +142,7 @@ class JobLoop:
         self.expected: dict[str, tuple[float, PodView]] = {}
         self.memo = UnitMemo()  # quiet decisions of earlier passes (operator.incremental)
         self.cost = 0.0  # CPU seconds of the last pass: the pause after it scales with it
+        self.counts: tuple[Plan, dict[str, int]] | None = None  # shard states of a plan
 
     async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
         while not stopped:
@@ -193,8 +194,8 @@ class JobLoop:
         cpu = time.thread_time()
         plan = reconcile(job, pods, progress, now, self.settings, self.index, memo=self.memo,
                          max_creates=self.settings.create_chunk)
-        if plan.status is not None:
-            SHARD_STATES[self.uid] = shard_state_counts(plan.status)
+        if plan.status is not None:  # O(shards): counted here, off the loop
+            self.counts = (plan, shard_state_counts(plan.status))
         self.cost = time.thread_time() - cpu
         metrics.RECONCILE_PASS_SECONDS.observe(self.cost)
         return plan
@@ -257,6 +258,9 @@ class JobLoop:
         if plan.status is not None:
             self.pending_status = plan.status
             PHASES[self.uid] = plan.status.get("phase", "Pending")
+            counted = self.counts
+            SHARD_STATES[self.uid] = counted[1] if counted and counted[0] is plan else (
+                shard_state_counts(plan.status))
             metrics.set_job_phases(PHASES)
             metrics.set_shard_states(SHARD_STATES)
         if self.pending_status is not None and (
