@@ -58,7 +58,6 @@ LAG_PROBE = pacing.LagProbe(metrics.loop_lag)
 API_CONCURRENCY = 16
 """Pod creates/deletes in flight at once for one job (matches the client's pool size)."""
 API_RETRY_SECONDS = 2.0
-DEBOUNCE_SECONDS = 0.05
 EXPECT_SECONDS = 60.0
 """How long a pod we created counts as existing before the watch shows it."""
 
