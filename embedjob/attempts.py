@@ -22,17 +22,24 @@ LAST_FAILURE_MAX = 300
 
 
 def attempt_env(spec: EmbeddingJobSpec, job: str, shard: int, attempt: int,
-                history: ShardHistory, termination_log: str) -> dict[str, str]:
+                history: ShardHistory, termination_log: str,
+                spec_json: str | None = None) -> dict[str, str]:
     """The worker's contract, as both runners start an attempt: what it runs, who it is, and
-    the policy's overrides (docs/architecture.md)."""
+    the policy's overrides (docs/architecture.md). ``spec_json``: :func:`spec_text` of
+    ``spec``, when the caller already has it (one per job, not one per pod)."""
     return {
-        "EMBEDJOB_SPEC": json.dumps(dump_spec(spec), separators=(",", ":"), sort_keys=True),
+        "EMBEDJOB_SPEC": spec_json or spec_text(spec),
         "EMBEDJOB_JOB": job,
         "EMBEDJOB_SHARD": str(max(shard, 0)),
         "EMBEDJOB_ATTEMPT": str(attempt),
         "EMBEDJOB_TERMINATION_LOG": termination_log,
         **worker_env(history),
     }
+
+
+def spec_text(spec: EmbeddingJobSpec) -> str:
+    """The spec as a worker receives it in EMBEDJOB_SPEC."""
+    return json.dumps(dump_spec(spec), separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ from embedjob.spec import (
     ShardEntry,
     ShardState,
 )
+from embedjob.status_bound import (
+    MESSAGE_MAX,
+    STATUS_BUDGET_BYTES,
+    dump_entry,
+    fit_entries,
+    json_size,
+)
 from embedjob.times import duration, format_time
 
 TERMINAL = (Phase.succeeded, Phase.failed)
@@ -160,8 +167,10 @@ def shard_entry(
     return (base or ShardEntry(shard=shard)).model_copy(update=update)
 
 
-def compact_manifest(entries: list[ShardEntry], cap: int) -> tuple[list[ShardEntry], int]:
-    """The entries worth a full record, at most ``cap``, and how many were left out.
+def compact_manifest(entries: list[ShardEntry], cap: int,
+                     budget: int | None = None) -> tuple[list[ShardEntry], int]:
+    """The entries worth a full record, at most ``cap`` (and ``budget`` bytes as JSON:
+    :mod:`embedjob.status_bound`), and how many were left out.
 
     An unremarkable shard (attempt and pod only) is summarised by status.shardAttempts;
     what a left-out entry held is also in its pod's history annotation, and the shard's
@@ -171,7 +180,7 @@ def compact_manifest(entries: list[ShardEntry], cap: int) -> tuple[list[ShardEnt
     # Most recent failures first, then whatever changes the next attempt before the rest.
     notable.sort(key=lambda e: e.last_failure.time if e.last_failure else "", reverse=True)
     notable.sort(key=lambda e: not _essential(e))
-    kept = notable[:cap]
+    kept = notable[:cap] if budget is None else fit_entries(notable, budget, cap)
     return sorted(kept, key=lambda e: e.shard), len(notable) - len(kept)
 
 
@@ -236,11 +245,11 @@ class Outline:
 
 def job_status(outline: Outline, old: EmbeddingJobStatus, now: datetime,
                cap: int = MANIFEST_CAP) -> EmbeddingJobStatus:
-    """The status both runners write for the same outline."""
+    """The status both runners write for the same outline: at most ``cap`` manifest entries
+    and :data:`~embedjob.status_bound.STATUS_BUDGET_BYTES` in all."""
     entries = list(outline.entries)
-    full, omitted = compact_manifest(entries, cap)
     running = (e.shard for e in entries if e.shard >= 0 and e.state == ShardState.running)
-    return EmbeddingJobStatus(
+    base = EmbeddingJobStatus(
         phase=outline.phase,
         conditions=job_conditions(old.conditions, outline.phase, outline.message,
                                   list(outline.unschedulable), now),
@@ -252,20 +261,18 @@ def job_status(outline: Outline, old: EmbeddingJobStatus, now: datetime,
         shards_running=format_ranges(running),
         shard_attempts=attempt_ranges(entries),
         shard_count=outline.shard_count,
-        manifest=full,
-        manifest_omitted=omitted,
-        message=outline.message,
+        manifest_omitted=len(entries),  # as wide as it can get, for the measure below
+        message=outline.message[:MESSAGE_MAX],
     )
+    budget = STATUS_BUDGET_BYTES - json_size(dump_status(base))
+    full, omitted = compact_manifest(entries, cap, budget)
+    return base.model_copy(update={"manifest": full, "manifest_omitted": omitted})
 
 
 def dump_status(status: EmbeddingJobStatus) -> dict[str, Any]:
     """camelCase JSON; manifest entries leave defaults out (thousands of them add up)."""
     data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    data["manifest"] = [
-        e.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
-        | {"shard": e.shard}
-        for e in status.manifest
-    ]
+    data["manifest"] = [dump_entry(e) for e in status.manifest]
     return data
 
 

@@ -106,3 +106,16 @@ def made_progress(pod: PodView, progress: ShardProgress | None) -> bool:
     """Did this attempt commit anything new? progress.json or its last word."""
     message = TerminationMessage.from_json(pod.termination_message)
     return committed_by(message, progress.done if progress else 0) > pod.start_done
+
+
+def quiet_until(pod: PodView, unschedulable_after: float) -> datetime | None:
+    """The first moment :func:`node_lost` or :func:`unschedulable` could give a verdict on an
+    active pod that has none now (same inputs); None: never. What lets a reconcile pass reuse
+    the pod's earlier decision until then (operator.incremental). "Stuck" needs no time here:
+    it changes only with a new heartbeat read, which is part of the memo's key."""
+    times: list[datetime] = []
+    if pod.deleting:
+        times.append(pod.deleting + timedelta(seconds=30))
+    if pod.phase == "Pending" and pod.unschedulable_since is not None:
+        times.append(pod.unschedulable_since + timedelta(seconds=unschedulable_after))
+    return min(times) if times else None

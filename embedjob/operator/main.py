@@ -22,9 +22,10 @@ from typing import Any
 import kopf
 
 from embedjob import layout
-from embedjob.operator import kube, metrics, poller
+from embedjob.operator import kube, metrics, pacing, poller
 from embedjob.operator.config import OperatorSettings, load_settings
 from embedjob.operator.heartbeats import Observed
+from embedjob.operator.incremental import UnitMemo
 from embedjob.operator.observe import ended_attempts, past_index
 from embedjob.operator.reconcile import Plan, reconcile, refused
 from embedjob.operator.steps import Event
@@ -54,10 +55,14 @@ READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embedjob-index
 """Index summaries (one GET per job); heartbeats and progress go through the poller."""
 ENDED_READ_SECONDS = 10.0
 """How long a pass waits for the progress of attempts that just ended (read first)."""
+PASS_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedjob-reconcile")
+"""Reconcile passes run here, off the event loop: one thread (the GIL would serialise more),
+so jobs' passes queue instead of contending, and the pure code's caches see one caller."""
+WAKE_KEYS: dict[str, tuple[Any, ...]] = {}
+LAG_PROBE = pacing.LagProbe(metrics.loop_lag)
 API_CONCURRENCY = 16
 """Pod creates/deletes in flight at once for one job (matches the client's pool size)."""
 API_RETRY_SECONDS = 2.0
-DEBOUNCE_SECONDS = 0.05
 EXPECT_SECONDS = 60.0
 """How long a pod we created counts as existing before the watch shows it."""
 
@@ -79,6 +84,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     metrics.serve(memo.settings.metrics_port)
 
 
+@kopf.on.startup()
+async def loop_health(**_: Any) -> None:
+    """The event-loop lag probe (metrics), and a garbage collector tuned for big passes."""
+    pacing.tune_gc()
+    LAG_PROBE.start()
+
+
 @kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
 async def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
     view = pod_view(body)
@@ -90,9 +102,11 @@ async def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> d
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def job_changed(uid: str, **_: Any) -> None:
+async def job_changed(uid: str, body: kopf.Body, **_: Any) -> None:
+    # Not for our own status patches: only what someone else changed wakes the loop.
+    wake, WAKE_KEYS[uid] = pacing.wakes(WAKE_KEYS.get(uid), body)
     loop = LOOPS.get(uid)
-    if loop is not None:
+    if wake and loop is not None:
         loop.wake.set()
 
 
@@ -106,6 +120,7 @@ async def job_daemon(
         await loop.run(body, pods_by_job, stopped)
     finally:
         LOOPS.pop(uid, None)
+        WAKE_KEYS.pop(uid, None)
         PHASES.pop(uid, None)
         SHARD_STATES.pop(uid, None)
         loop.poller.forget(uid)
@@ -130,6 +145,9 @@ class JobLoop:
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
         self.expected: dict[str, tuple[float, PodView]] = {}
+        self.memo = UnitMemo()  # quiet decisions of earlier passes (operator.incremental)
+        self.cost = 0.0  # CPU seconds of the last pass: the pause after it scales with it
+        self.counts: tuple[Plan, dict[str, int]] | None = None  # shard states of a plan
 
     async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
         while not stopped:
@@ -142,7 +160,8 @@ class JobLoop:
                 log.warning(json.dumps({"job": body.get("metadata", {}).get("name"),
                                         "event": "api_error", "error": text}))
                 timeout = API_RETRY_SECONDS
-            await asyncio.sleep(DEBOUNCE_SECONDS)  # let a burst of pod events land first
+            # Let a burst of pod events land first, and leave the CPU to other jobs.
+            await asyncio.sleep(pacing.pass_gap(self.cost))
             deadline = time.monotonic() + timeout
             while not stopped and not self.wake.is_set() and time.monotonic() < deadline:
                 with contextlib.suppress(asyncio.TimeoutError, ValueError):
@@ -150,13 +169,16 @@ class JobLoop:
 
     async def step(self, body: kopf.Body, index: kopf.Index) -> float:
         started = time.perf_counter()
-        job = self.own_status(job_view(body))
+        # kopf swaps a live body's dict for a new one, never edits it: these stay as read.
+        raw = {key: body.get(key) for key in ("metadata", "spec", "status")}
+        job = await _off_loop(lambda: self.own_status(job_view(raw)))
         pods = self.with_expected([p for p in index.get(self.uid, ()) if p is not None])
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             await self.read_index(job, pods)
             await self.read_storage(job, pods)
         now = datetime.now(timezone.utc)
-        plan = reconcile(job, pods, self.progress, now, self.settings, self.index, self.beats)
+        plan = await _off_loop(self.decide, job, pods, dict(self.progress),
+                               dict(self.beats), now)
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -169,6 +191,19 @@ class JobLoop:
         return max(wait, 0.05)
 
     pending_status: dict[str, Any] | None = None
+
+    def decide(self, job: JobView, pods: list[PodView], progress: dict[int, ShardProgress],
+               beats: dict[int, Observed], now: datetime) -> Plan:
+        """One pure pass, in :data:`PASS_POOL`'s thread: at most ``createChunk`` pods, the
+        quiet shards' decisions reused from the memo. Its CPU time paces the next pass."""
+        cpu = time.thread_time()
+        plan = reconcile(job, pods, progress, now, self.settings, self.index, beats,
+                         memo=self.memo, max_creates=self.settings.create_chunk)
+        if plan.status is not None:  # O(shards): counted here, off the loop
+            self.counts = (plan, shard_state_counts(plan.status))
+        self.cost = time.thread_time() - cpu
+        metrics.RECONCILE_PASS_SECONDS.observe(self.cost)
+        return plan
 
     def since_patch(self) -> float:
         return time.monotonic() - self.patched_at
@@ -228,7 +263,9 @@ class JobLoop:
         if plan.status is not None:
             self.pending_status = plan.status
             PHASES[self.uid] = plan.status.get("phase", "Pending")
-            SHARD_STATES[self.uid] = shard_state_counts(plan.status)
+            counted = self.counts
+            SHARD_STATES[self.uid] = counted[1] if counted and counted[0] is plan else (
+                shard_state_counts(plan.status))
             metrics.set_job_phases(PHASES)
             metrics.set_shard_states(SHARD_STATES)
         if self.pending_status is not None and (
@@ -240,8 +277,9 @@ class JobLoop:
     async def flush(self, job: JobView) -> None:
         new = self.pending_status
         assert new is not None
-        old = self.patched if self.patched is not None else job_status_dict(job)
-        patch = merge_patch(old, new)
+        old = self.patched
+        patch = await _off_loop(lambda: merge_patch(
+            old if old is not None else job_status_dict(job), new))
         self.pending_status = None
         if patch:
             await kube.patch_status(job.namespace, job.name, patch)
@@ -314,6 +352,12 @@ def _waker(event: asyncio.Event) -> Any:
     """A callable for other threads that sets ``event`` on this event loop."""
     loop = asyncio.get_running_loop()
     return lambda: loop.call_soon_threadsafe(event.set)
+
+
+async def _off_loop(func: Any, *args: Any) -> Any:
+    """Run pure, CPU-bound work (parsing a 10^4-shard status, a reconcile pass, a status
+    diff) in :data:`PASS_POOL`, so the event loop keeps serving watches and /healthz."""
+    return await asyncio.get_running_loop().run_in_executor(PASS_POOL, func, *args)
 
 
 def _attempt_of(pod_name: str) -> int:

@@ -14,6 +14,19 @@ RECONCILE_SECONDS = Histogram(
     "embedjob_reconcile_duration_seconds", "Time of one reconcile pass (pure part + apply)",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RECONCILE_PASS_SECONDS = Histogram(
+    "embedjob_reconcile_pass_cpu_seconds",
+    "CPU time of one pure reconcile pass (observe, decide, plan, status diff), off the loop",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+EVENT_LOOP_LAG = Histogram(
+    "embedjob_event_loop_lag_seconds",
+    "How late a 50 ms sleep on the operator's event loop wakes (time the loop was blocked)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+EVENT_LOOP_LAG_MAX = Gauge(
+    "embedjob_event_loop_lag_max_seconds", "Longest event-loop lag seen since the start"
+)
 PREEMPTED_GPU_SECONDS = Counter(
     "embedjob_preemption_gpu_seconds_lost_total",
     "GPU-seconds of work since the last committed part, lost to preemptions (estimate)",
@@ -43,6 +56,11 @@ def set_read_schedule(interval: float, planned_per_minute: float, shards: int) -
 def serve(port: int) -> None:
     if port:
         start_http_server(port)
+
+
+def loop_lag(lag: float, worst: float) -> None:
+    EVENT_LOOP_LAG.observe(lag)
+    EVENT_LOOP_LAG_MAX.set(worst)
 
 
 def set_job_phases(phases: dict[str, str]) -> None:

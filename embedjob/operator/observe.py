@@ -11,12 +11,13 @@ from embedjob.failures import Failure, TerminationMessage
 from embedjob.operator import classify as cls
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed
+from embedjob.operator.incremental import Entries, UnitMemo
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.views import IndexInfo, JobView, PodView
 from embedjob.progress import ShardProgress
 from embedjob.ranges import range_set
-from embedjob.spec import EmbeddingJobSpec, Phase, ShardEntry
-from embedjob.status import attempt_name, expand_manifest
+from embedjob.spec import EmbeddingJobSpec, Phase
+from embedjob.status import attempt_name
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,18 @@ class World:
     """Older attempts' terminated pods: history once a newer one exists."""
     done: frozenset[int]
     failed: frozenset[int]
-    entries: Mapping[int, ShardEntry]
-    """The stored manifest, summarised shards re-derived."""
+    entries: Entries
+    """The stored manifest, summarised shards re-derived (when read)."""
     progress: Mapping[int, ShardProgress]
     index: IndexInfo | None
     indexed: bool
     """The index step is behind us (its pod succeeded, or shards have started)."""
     beats: Mapping[int, Observed] = field(default_factory=dict)
     """Running shards' heartbeats as last read (operator clock): "stuck" comes from these."""
+    memo: UnitMemo | None = None
+    """Quiet units of earlier passes (a cache: the pass decides the same without it)."""
+    max_creates: int | None = None
+    """Most pods this pass may create (None: no limit); see reconcile."""
 
     @property
     def shards(self) -> int | None:
@@ -71,7 +76,7 @@ def observe(
                   and p.terminated and not p.deleting)
     limit = index.shards if index is not None else spec.shards
     done = {s for s in range_set(old.shards_done) | _succeeded_workers(pods) if s < limit}
-    entries = expand_manifest(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    entries = Entries(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
     return World(
         job=job, spec=spec, settings=settings, now=now, pods=tuple(pods), latest=latest,
         stale=stale, done=frozenset(done), failed=frozenset(range_set(old.shards_failed) - done),
@@ -84,8 +89,7 @@ def _succeeded_workers(pods: list[PodView]) -> set[int]:
     return {p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Succeeded"}
 
 
-def _indexed(phase: Phase, pods: list[PodView], any_done: bool,
-             entries: Mapping[int, ShardEntry]) -> bool:
+def _indexed(phase: Phase, pods: list[PodView], any_done: bool, entries: Entries) -> bool:
     return (
         phase in (Phase.running, Phase.merging) or any_done
         or any(p.role in (ROLE_WORKER, ROLE_FINALIZE) for p in pods)
@@ -132,8 +136,8 @@ def ended_attempts(job: JobView, pods: list[PodView]) -> dict[str, int]:
     their progress is read once more, so the replacement starts from what they committed."""
     out = {p.name: p.shard for p in pods if p.role == ROLE_WORKER and p.phase == "Failed"}
     present = {p.name for p in pods}
-    started = expand_manifest(job.status, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
-    for shard, entry in started.items():
-        if shard >= 0 and entry.pod and entry.pod not in present:
-            out[entry.pod] = shard
+    started = Entries(job.status, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    for shard, pod in started.pods():
+        if shard >= 0 and pod not in present:
+            out[pod] = shard
     return out

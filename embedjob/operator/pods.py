@@ -6,7 +6,7 @@ import copy
 import fnmatch
 from typing import Any
 
-from embedjob.attempts import attempt_env
+from embedjob.attempts import attempt_env, spec_text
 from embedjob.failures import DEFAULT_TERMINATION_LOG, ConfigError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.names import (
@@ -69,8 +69,7 @@ def build_pod(
 ) -> dict[str, Any]:
     """The manifest of one attempt. Raises ConfigError for an unusable spec.template."""
     assert job.spec is not None
-    spec = effective_spec(job.spec, settings)
-    template = _checked_template(spec, settings)
+    spec, template, text = _prepared(job.spec, settings)
     defaults = settings.worker_defaults
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -79,7 +78,8 @@ def build_pod(
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": defaults.termination_grace_period_seconds,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [_container(job, spec, role, shard, attempt, history, settings, template)],
+        "containers": [_container(job, spec, role, shard, attempt, history, settings, template,
+                                  text)],
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
             # Bounded: a runaway cache is evicted as `disk` (its own budget), not as a
@@ -95,6 +95,27 @@ def build_pod(
     metadata = _metadata(job, role, shard, attempt, template)
     metadata["annotations"] |= _annotations(history, start_done, last_failure)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+_PREPARED: dict[tuple[int, int], tuple[Any, ...]] = {}
+PREPARED_KEEP = 64
+
+
+def _prepared(spec: EmbeddingJobSpec, settings: OperatorSettings
+              ) -> tuple[EmbeddingJobSpec, dict[str, Any], str]:
+    """The effective spec, the checked template and the spec's JSON, once per (spec,
+    settings) object rather than once per pod (a 10^4-pod wave would build them 10^4 times).
+    Keyed by identity (the objects are frozen; each entry keeps its key objects alive)."""
+    key = (id(spec), id(settings))
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0] is spec and hit[1] is settings:
+        return hit[2], hit[3], hit[4]
+    eff = effective_spec(spec, settings)
+    template = _checked_template(eff, settings)  # raises before anything is kept
+    if len(_PREPARED) >= PREPARED_KEEP:
+        _PREPARED.clear()  # specs of finished jobs and of earlier passes
+    _PREPARED[key] = (spec, settings, eff, template, spec_text(eff))
+    return eff, template, _PREPARED[key][4]
 
 
 def _checked_template(spec: EmbeddingJobSpec, settings: OperatorSettings) -> dict[str, Any]:
@@ -161,6 +182,7 @@ def _container(
     history: ShardHistory,
     settings: OperatorSettings,
     template: dict[str, Any],
+    spec_json: str | None = None,
 ) -> dict[str, Any]:
     return {
         "name": CONTAINER,
@@ -169,7 +191,7 @@ def _container(
         "args": [COMMANDS[role]],
         # The image's WORKDIR, set here too so that any image honouring the contract works.
         "workingDir": CACHE_DIR,
-        "env": _env(job, spec, shard, attempt, history, settings, template),
+        "env": _env(job, spec, shard, attempt, history, settings, template, spec_json),
         "resources": _resources(spec, settings) if role == ROLE_WORKER else copy.deepcopy(
             settings.index_resources if role == ROLE_INDEX else settings.finalize_resources),
         "terminationMessagePath": DEFAULT_TERMINATION_LOG,
@@ -197,9 +219,11 @@ def _env(
     history: ShardHistory,
     settings: OperatorSettings,
     template: dict[str, Any],
+    spec_json: str | None = None,
 ) -> list[dict[str, Any]]:
     ours = {
-        **attempt_env(spec, job.name, shard, attempt, history, DEFAULT_TERMINATION_LOG),
+        **attempt_env(spec, job.name, shard, attempt, history, DEFAULT_TERMINATION_LOG,
+                      spec_json),
         "HOME": "/tmp",
         "XDG_CACHE_HOME": CACHE_DIR,
         "TORCH_HOME": f"{CACHE_DIR}/torch",

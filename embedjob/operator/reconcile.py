@@ -20,6 +20,7 @@ from typing import Any
 from embedjob.failures import ConfigError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed
+from embedjob.operator.incremental import UnitMemo
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
 from embedjob.operator.steps import Event, Unit, step
@@ -83,6 +84,8 @@ def reconcile(
     settings: OperatorSettings,
     index: IndexInfo | IndexUnreadable | None = None,
     beats: Mapping[int, Observed] | None = None,
+    memo: UnitMemo | None = None,
+    max_creates: int | None = None,
 ) -> Plan:
     """Decide everything for one job from what is observed now.
 
@@ -90,6 +93,10 @@ def reconcile(
     can be below spec.shards) and the sequence total come from it, never from the spec;
     :class:`IndexUnreadable` when the shell could not read it (why, in one line).
     ``beats``: each running shard's heartbeat as the poller last read it ("stuck" from it).
+    ``memo`` (the caller's, one per job) lets unchanged shards reuse their last quiet
+    decision; the plan is the same without it. ``max_creates`` caps the shards this pass
+    starts (replacements of lost pods excepted), shards already started first: the status
+    then tells only what was created, and ``requeue_after`` 0 asks for the next chunk.
     """
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
@@ -98,7 +105,11 @@ def reconcile(
         return _invalid(job, job.spec_error or "invalid spec", now)
     try:
         info = index if isinstance(index, IndexInfo) else None
-        world = observe(job, pods, progress, now, settings, info, beats)
+        world = replace(observe(job, pods, progress, now, settings, info, beats), memo=memo,
+                        max_creates=max_creates)
+        if memo is not None:
+            memo.start((job.uid, job.name, job.namespace, job.generation, job.spec, settings,
+                        info, job.status.phase == Phase.suspended))
         verdict = judge(world, index.message if isinstance(index, IndexUnreadable) else None)
         decided = _past_deadline(world, _decide(world), verdict)
     except ConfigError as err:  # e.g. an unusable spec.template
@@ -169,14 +180,19 @@ def _finalize(w: World) -> Decided:
 
 
 def _shards(w: World, shards: int) -> Decided:
-    """Every unfinished shard, lowest first, within spec.parallelism."""
+    """Every unfinished shard within spec.parallelism (and the pass's create budget):
+    started shards first (their replacements go out before fresh starts), lowest first."""
     slots = max(0, w.spec.effective_parallelism - w.active_workers)
+    creates = w.max_creates
     resuming = w.job.status.phase == Phase.suspended
     units: list[Unit] = []
     done, failed, message = set(w.done), set(w.failed), ""
-    for shard in (s for s in range(shards) if s not in w.done):
-        unit = step(w, ROLE_WORKER, shard, slots, resuming)
+    for shard in _shard_order(w, shards):
+        avail = slots if creates is None else min(slots, max(creates, 0))
+        unit = _step(w, ROLE_WORKER, shard, avail, resuming)
         slots -= unit.slots_used
+        if creates is not None:
+            creates -= len(unit.create)
         units.append(unit)
         if unit.state == ShardState.succeeded:
             done.add(shard)
@@ -186,12 +202,40 @@ def _shards(w: World, shards: int) -> Decided:
     entries = tuple(u.entry for u in units
                     if u.entry is not None and u.state != ShardState.succeeded)
     if not failed:
+        more = 0.0 if creates is not None and creates <= 0 else None  # the next chunk
         return Decided(Phase.running, frozenset(done), frozenset(failed), "", tuple(units),
-                       entries)
+                       entries, requeue=more)
     # Stop the rest (they checkpoint); a new job with the same output resumes them.
     message = message or f"shard(s) {format_ranges(failed)} failed"
     return Decided(Phase.failed, frozenset(done), frozenset(failed), message, tuple(units),
                    entries, stop=w.stoppable)
+
+
+def _shard_order(w: World, shards: int) -> list[int]:
+    """Unfinished shards, those with an attempt (a pod, or an entry naming one) first."""
+    todo = [s for s in range(shards) if s not in w.done]
+    started = [s for s in todo if (ROLE_WORKER, s) in w.latest or s in w.entries]
+    if len(started) == len(todo):
+        return todo
+    begun = set(started)
+    return started + [s for s in todo if s not in begun]
+
+
+def _step(w: World, role: str, shard: int, slots: int, resuming: bool) -> Unit:
+    """:func:`step`, or its quiet decision of an earlier pass when nothing it reads changed."""
+    memo = w.memo
+    if memo is None:
+        return step(w, role, shard, slots, resuming)
+    pod = w.latest.get((role, shard))
+    prog = w.progress.get(shard) if role == ROLE_WORKER else None
+    beat = w.beats.get(shard) if role == ROLE_WORKER else None  # "stuck" reads it
+    key = (*memo.unit_key(pod, prog, w.entries.key(shard), slots, resuming), beat)
+    unit = memo.get(role, shard, key, w.now)
+    if unit is None:
+        unit = step(w, role, shard, slots, resuming)
+        memo.put(role, shard, key, unit, pod, w.now,
+                 w.settings.unschedulable_after_seconds)
+    return unit
 
 
 # --- the plan: status written once, Events after -----------------------------------------
@@ -233,20 +277,26 @@ def _requeue(w: World, d: Decided, phase: Phase, verdict: Verdict) -> float | No
     requeue = min(waits) if waits else None
     if phase not in TERMINAL:
         poll = w.settings.progress_poll_seconds
-        requeue = min(requeue or poll, poll)
+        requeue = poll if requeue is None else min(requeue, poll)  # 0: at once
     return max(requeue, 0.0) if requeue is not None else None
 
 
 def _progress(w: World, shards: int, done: frozenset[int]) -> Progress:
+    """The job's progress: one sum over the shards' reports (no object per shard: at 10^4
+    shards this runs every pass); job_progress only adds its counts up."""
     fresh = w.now - timedelta(seconds=PROGRESS_FRESH_SECONDS)
-    counts = [
-        Count(done=p.total or p.done, total=p.total) if s in done else Count(
-            done=p.done, total=p.total,
-            rate=p.rate if p.updated and p.updated > fresh else 0.0)
-        for s, p in w.progress.items()
-    ]
+    sum_done = sum_total = 0
+    rate = 0.0
+    for s, p in w.progress.items():
+        if s in done:
+            sum_done += p.total or p.done
+        else:
+            sum_done += p.done
+            rate += p.rate if p.updated and p.updated > fresh else 0.0
+        sum_total += p.total
     total = w.index.sequences if w.index is not None else None
-    return job_progress(counts, total, all_done=len(done) == shards)
+    return job_progress([Count(done=sum_done, total=sum_total, rate=rate)], total,
+                        all_done=len(done) == shards)
 
 
 def _invalid(job: JobView, message: str, now: datetime, reason: str = "InvalidSpec") -> Plan:

@@ -282,6 +282,7 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
             "unschedulableAfterSeconds": 120,
             "waitDeadlines": {"imagePull": 60, "unschedulable": 3600},
             "waitEventIntervalSeconds": 90,
+            "createChunk": 40,
         },
     }
     config = operator_config(render(helm, tmp_path, values))
@@ -301,6 +302,7 @@ def test_worker_values_reach_the_operator_config(helm: Path, tmp_path: Path) -> 
         "minio-credentials",
     )
     assert (config.status_interval_seconds, config.progress_poll_seconds) == (7, 11)
+    assert config.create_chunk == 40
     assert (config.stuck_after_seconds, config.unschedulable_after_seconds) == (600, 120)
     waits = config.wait_deadlines
     assert (waits.image_pull, waits.config_error, waits.unschedulable) == (60, 300, 3600)

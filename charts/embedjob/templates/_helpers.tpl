@@ -86,7 +86,7 @@ values are left out so that the operator's own defaults (None) apply.
 {{- with $s.affinity }}{{ $_ := set $steps "affinity" . }}{{ end }}
 {{- with $s.priorityClassName }}{{ $_ := set $steps "priorityClassName" . }}{{ end }}
 {{- $o := .Values.operator }}
-{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "storageRequestsPerMinute" $o.storageRequestsPerMinute "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "waitDeadlines" $o.waitDeadlines "waitEventIntervalSeconds" $o.waitEventIntervalSeconds "workerDefaults" $defaults "indexResources" $s.indexResources "finalizeResources" $s.finalizeResources "stepPods" $steps "security" .Values.security }}
+{{- $config := dict "workerImage" (include "embedjob.workerImage" .) "namespaces" (include "embedjob.watchNamespaces" . | fromJsonArray) "metricsPort" .Values.metrics.port "livenessPort" $o.livenessPort "statusIntervalSeconds" $o.statusIntervalSeconds "progressPollSeconds" $o.progressPollSeconds "storageRequestsPerMinute" $o.storageRequestsPerMinute "stuckAfterSeconds" $o.stuckAfterSeconds "unschedulableAfterSeconds" $o.unschedulableAfterSeconds "waitDeadlines" $o.waitDeadlines "waitEventIntervalSeconds" $o.waitEventIntervalSeconds "createChunk" $o.createChunk "workerDefaults" $defaults "indexResources" $s.indexResources "finalizeResources" $s.finalizeResources "stepPods" $steps "security" .Values.security }}
 {{- toYaml $config }}
 {{- end }}
 

@@ -1,0 +1,74 @@
+"""How the operator's loops share the event loop (operator.pacing)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+from operator_helpers import job_body
+
+from embedjob.operator.pacing import (
+    MAX_GAP_SECONDS,
+    MIN_GAP_SECONDS,
+    LagProbe,
+    pass_gap,
+    wakes,
+)
+
+
+def _seen(body: dict) -> tuple:
+    wake, key = wakes(None, body)
+    assert wake  # the first sight of a job always wakes it
+    return key
+
+
+def test_our_own_status_patch_does_not_wake_the_loop() -> None:
+    body = job_body({"phase": "Running", "shardsReady": "0/3"})
+    key = _seen(body)
+    patched = copy.deepcopy(body)
+    patched["status"] = {"phase": "Running", "shardsReady": "2/3", "shardsDone": "0-1"}
+    patched["metadata"]["resourceVersion"] = "42"
+    patched["metadata"]["managedFields"] = [{"manager": "embedjob"}]
+    patched["metadata"]["finalizers"] = ["embedjob.io/finalizer"]
+    patched["metadata"]["annotations"] = {"embedjob.io/last-handled-configuration": "{}"}
+    assert wakes(key, patched) == (False, key)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(generation=2),  # the spec changed (suspend, parallelism, ...)
+    lambda m: m.setdefault("labels", {}).update(team="a"),
+    lambda m: m.setdefault("annotations", {}).update(note="x"),
+    lambda m: m.update(deletionTimestamp="2025-01-01T00:00:00Z"),
+], ids=["generation", "labels", "annotations", "deletion"])
+def test_what_someone_else_changed_wakes_the_loop(change) -> None:
+    body = job_body({"phase": "Running"})
+    key = _seen(body)
+    changed = copy.deepcopy(body)
+    change(changed["metadata"])
+    wake, new = wakes(key, changed)
+    assert wake and new != key
+
+
+def test_the_gap_after_a_pass_scales_with_its_cost() -> None:
+    assert pass_gap(0.0) == MIN_GAP_SECONDS
+    assert pass_gap(0.1) > pass_gap(0.05) > MIN_GAP_SECONDS
+    assert pass_gap(100.0) == MAX_GAP_SECONDS
+
+
+def test_the_lag_probe_sees_a_blocked_loop() -> None:
+    seen: list[float] = []
+
+    async def main() -> float:
+        probe = LagProbe(lambda lag, worst: seen.append(worst), interval=0.01)
+        probe.start()
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # something holds the event loop
+        await asyncio.sleep(0.05)
+        assert probe.task is not None
+        probe.task.cancel()
+        return probe.worst
+
+    worst = asyncio.run(main())
+    assert worst >= 0.2 and seen[-1] == worst
