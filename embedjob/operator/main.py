@@ -1,7 +1,8 @@
 """The kopf operator: thin handlers around :func:`embedjob.operator.reconcile.reconcile`.
 
 One daemon per EmbeddingJob runs its loop (so reconciles of a job never overlap); pod
-changes land in a kopf index keyed by the job's uid and only wake that loop.
+changes land in our own informer (:mod:`embedjob.operator.informer`: server-side label
+selector, paginated list) keyed by the job's uid and only wake that loop.
 Start it as a module (``embedjob operator`` or ``kopf run -m embedjob.operator.main``).
 """
 
@@ -22,13 +23,13 @@ from typing import Any
 import kopf
 
 from embedjob import layout
-from embedjob.operator import kube, metrics
+from embedjob.operator import kube, metrics, retention
 from embedjob.operator.config import OperatorSettings, load_settings
+from embedjob.operator.informer import PodInformer
 from embedjob.operator.observe import ended_attempts, past_index
 from embedjob.operator.reconcile import Plan, reconcile, refused
 from embedjob.operator.steps import Event
 from embedjob.operator.views import (
-    LABEL_JOB_UID,
     ROLE_WORKER,
     IndexInfo,
     JobView,
@@ -74,14 +75,28 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     metrics.serve(memo.settings.metrics_port)
 
 
-@kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
-async def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
-    view = pod_view(body)
-    uid = labels[LABEL_JOB_UID]
-    loop = LOOPS.get(uid)
-    if loop is not None:
-        loop.wake.set()
-    return {uid: view} if view is not None else {}
+PODS: PodInformer | None = None
+
+
+@kopf.on.startup()
+def start_pods(memo: kopf.Memo, **_: Any) -> None:
+    """Our pod informer (kopf sends no labelSelector for an index's labels filter)."""
+    global PODS
+    PODS = PodInformer(memo.get("namespaces") or [], _wake)
+    PODS.start()
+
+
+@kopf.on.cleanup()
+def stop_pods(**_: Any) -> None:
+    if PODS is not None:
+        PODS.stop()
+
+
+def _wake(uids: set[str]) -> None:
+    for uid in uids:
+        loop = LOOPS.get(uid)
+        if loop is not None:
+            loop.wake.set()
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
@@ -93,12 +108,13 @@ def job_changed(uid: str, **_: Any) -> None:
 
 @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0)
 async def job_daemon(
-    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, pods_by_job: kopf.Index,
-    memo: kopf.Memo, **_: Any
+    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
 ) -> None:
     loop = LOOPS.setdefault(uid, JobLoop(uid, memo.settings))
+    assert PODS is not None  # started before any daemon (kopf runs startup handlers first)
     try:
-        await loop.run(body, pods_by_job, stopped)
+        await PODS.synced()  # no pass before the first list: a missing pod looks vanished
+        await loop.run(body, PODS, stopped)
     finally:
         LOOPS.pop(uid, None)
         PHASES.pop(uid, None)
@@ -120,12 +136,13 @@ class JobLoop:
         self.index: IndexInfo | None = None
         self.finished_cache: set[int] = set()
         self.ended_read: set[str] = set()  # ended attempts whose progress was read after
+        self.removed: set[str] = set()  # recorded pods this process deleted (retention)
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
         self.expected: dict[str, tuple[float, PodView]] = {}
 
-    async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
+    async def run(self, body: kopf.Body, index: PodInformer, stopped: Any) -> None:
         while not stopped:
             self.wake.clear()  # before the step: an event during the step wakes the next one
             try:
@@ -142,10 +159,10 @@ class JobLoop:
                 with contextlib.suppress(asyncio.TimeoutError, ValueError):
                     await asyncio.wait_for(self.wake.wait(), min(1.0, deadline - time.monotonic()))
 
-    async def step(self, body: kopf.Body, index: kopf.Index) -> float:
+    async def step(self, body: kopf.Body, index: PodInformer) -> float:
         started = time.perf_counter()
         job = self.own_status(job_view(body))
-        pods = self.with_expected([p for p in index.get(self.uid, ()) if p is not None])
+        pods = self.with_expected(list(index.get(self.uid)))
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             await self.read_index(job, pods)
             await self.read_progress(job, pods)
@@ -159,11 +176,34 @@ class JobLoop:
             await self.apply(job, plan)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
+        wait = min(wait, await self.tidy(body, pods))
         if self.pending_status is not None:
             wait = min(wait, max(0.0, self.settings.status_interval_seconds - self.since_patch()))
         return max(wait, 0.05)
 
     pending_status: dict[str, Any] | None = None
+
+    async def tidy(self, body: kopf.Body, pods: list[PodView]) -> float:
+        """Delete worker pods the written status records, and the job once its
+        ttlSecondsAfterFinished is over (:mod:`retention`); seconds until that TTL."""
+        job = job_view(body)
+        written = status_view(self.patched) if self.patched is not None else job.status
+        doomed = [n for n in retention.recorded_pods(pods, written) if n not in self.removed]
+        limit = asyncio.Semaphore(API_CONCURRENCY)
+
+        async def delete(name: str) -> None:
+            async with limit:
+                await kube.delete_pod(job.namespace, name)
+            self.removed.add(name)
+
+        await asyncio.gather(*(delete(n) for n in doomed))
+        left = retention.ttl_left(job, written, datetime.now(timezone.utc))
+        if left is not None and left <= 0:
+            log.info(json.dumps({"job": job.name, "event": "ttl_expired",
+                                 "message": "ttlSecondsAfterFinished is over: deleting the job"}))
+            await kube.delete_job(job.namespace, job.name)
+            return 3600.0  # the deletion stops this loop
+        return left if left is not None else 3600.0
 
     def since_patch(self) -> float:
         return time.monotonic() - self.patched_at
@@ -271,8 +311,9 @@ class JobLoop:
         self.progress_at = time.monotonic()
         assert job.spec is not None
         done = range_set(job.status.shards_done)
+        # Done shards once each too: their pods are deleted once recorded (retention).
         wanted = only if only is not None else sorted(
-            {p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
+            ({p.shard for p in pods if p.role == ROLE_WORKER} | done) - self.finished_cache)
         try:
             from embedjob.store import open_store
 
@@ -354,7 +395,7 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
         clusterwide=not names,
         namespaces=names,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, namespaces=names),
     )
     return 0
 

@@ -97,7 +97,7 @@ tests/integration/test_chart.py asserts equality). No wildcards, no Secrets.
 {{- define "embedjob.rules" -}}
 - apiGroups: ["embedjob.io"]
   resources: ["embeddingjobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["embedjob.io"]
   resources: ["embeddingjobs/status"]
   verbs: ["patch"]
