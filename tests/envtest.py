@@ -124,6 +124,9 @@ class ControlPlane:
     folder: Path
     port: int = 0
     etcd_url: str = ""
+    apiserver_args: tuple[str, ...] = ()
+    """Extra kube-apiserver flags (e.g. no watch cache, so etcd compaction reaches watches)."""
+    controllers: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -182,9 +185,9 @@ class ControlPlane:
             "--service-account-key-file", str(f / "sa.pub"),
             "--service-account-signing-key-file", str(f / "sa.key"),
             "--service-cluster-ip-range", "10.0.0.0/24", "--endpoint-reconciler-type", "none",
-            "--enable-admission-plugins", ADMISSION_PLUGINS])
+            "--enable-admission-plugins", ADMISSION_PLUGINS, *self.apiserver_args])
         self._wait_ready(timeout)
-        if (self.assets / "kube-controller-manager").exists():
+        if self.controllers and (self.assets / "kube-controller-manager").exists():
             self._spawn("kube-controller-manager", [
                 "--kubeconfig", str(self.kubeconfig),
                 "--authentication-kubeconfig", str(self.kubeconfig),
@@ -269,9 +272,11 @@ def assets_folder() -> Path | None:
     return folder
 
 
-def start_control_plane(assets: Path) -> ControlPlane:
+def start_control_plane(assets: Path, apiserver_args: tuple[str, ...] = (),
+                        controllers: bool = True) -> ControlPlane:
     folder = Path(tempfile.mkdtemp(prefix="embedjob-envtest-"))
-    plane = ControlPlane(assets=assets, folder=folder)
+    plane = ControlPlane(assets=assets, folder=folder, apiserver_args=apiserver_args,
+                         controllers=controllers)
     try:
         plane.start()
     except BaseException:

@@ -79,7 +79,7 @@ PODS: PodInformer | None = None
 
 
 @kopf.on.startup()
-def start_pods(memo: kopf.Memo, **_: Any) -> None:
+async def start_pods(memo: kopf.Memo, **_: Any) -> None:
     """Our pod informer (kopf sends no labelSelector for an index's labels filter)."""
     global PODS
     PODS = PodInformer(memo.get("namespaces") or [], _wake)
@@ -87,7 +87,7 @@ def start_pods(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.cleanup()
-def stop_pods(**_: Any) -> None:
+async def stop_pods(**_: Any) -> None:
     if PODS is not None:
         PODS.stop()
 
@@ -197,6 +197,9 @@ class JobLoop:
             self.removed.add(name)
 
         await asyncio.gather(*(delete(n) for n in doomed))
+        if doomed:
+            log.info(json.dumps({"job": job.name, "event": "pods_removed", "count": len(doomed),
+                                 "message": "finished worker pods recorded in the status"}))
         left = retention.ttl_left(job, written, datetime.now(timezone.utc))
         if left is not None and left <= 0:
             log.info(json.dumps({"job": job.name, "event": "ttl_expired",
