@@ -97,7 +97,7 @@ def test_operator_account_can_do_exactly_what_the_operator_calls(
                 done = control_plane.kubectl("auth", "can-i", verb, target, "-n", namespace,
                                              f"--subresource={sub}", "--as", user, check=False)
                 assert done.stdout.strip() == "yes", f"{user} cannot {verb} {resource}"
-    for verb, target in (("get", "secrets"), ("delete", "embeddingjobs.embedjob.io")):
+    for verb, target in (("get", "secrets"), ("update", "embeddingjobs.embedjob.io")):
         done = control_plane.kubectl("auth", "can-i", verb, target, "-n", namespace,
                                      "--as", user, check=False)
         assert done.stdout.strip() == "no", f"{user} may {verb} {target}: more than needed"
