@@ -137,7 +137,7 @@ class PodInformer:
         if change.view is not None:
             self._uid_of[change.key] = change.uid
             self.by_job.setdefault(change.uid, {})[change.key] = change.view
-        if old == change.view and old_uid == change.uid:
+        if old == change.view and (old is None or old_uid == change.uid):
             return set()  # nothing a reconcile reads changed (e.g. only resourceVersion)
         return {u for u in (old_uid, change.uid) if u}
 
