@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from envtest import assets_folder, start_control_plane
+from envtest import ControlPlane, assets_folder, start_control_plane
 from kubernetes import client, config
 
 from embedjob.operator.informer import PodInformer
@@ -53,18 +53,20 @@ async def test_lists_in_pages_then_watches_only_our_pods(
     core = client.CoreV1Api(admin_api)
     for shard in range(5):
         core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
-    core.create_namespaced_pod(namespace, pod("stranger-0"))
+    for other in range(2):
+        core.create_namespaced_pod(namespace, pod(f"stranger-{other}"))
     woken: list[set[str]] = []
     informer = PodInformer([namespace], woken.append, page_size=2, api=admin_api)
     informer.start()
     try:
         await asyncio.wait_for(informer.synced(), 30)
         assert sorted(phases(informer)) == [f"w-{s}" for s in range(5)]
-        assert informer.pages == 3 and informer.lists == 1  # 2 + 2 + 1 pods
+        # 2 + 2 + 1 of our pods: the server filtered (all 7 pods would take 4 pages).
+        assert informer.pages == 3 and informer.lists == 1
         assert set(informer.by_job) == {JOB} and {JOB} in woken
 
         core.create_namespaced_pod(namespace, pod("w-5", 5))
-        core.create_namespaced_pod(namespace, pod("stranger-1"))
+        core.create_namespaced_pod(namespace, pod("stranger-2"))
         await until(lambda: "w-5" in phases(informer))
         core.patch_namespaced_pod_status("w-5", namespace, {"status": {"phase": "Running"}})
         await until(lambda: phases(informer).get("w-5") == "Running")
@@ -78,7 +80,7 @@ async def test_lists_in_pages_then_watches_only_our_pods(
 
 
 @pytest.fixture(scope="module")
-def uncached() -> Iterator[client.ApiClient]:
+def uncached() -> Iterator[tuple[ControlPlane, client.ApiClient]]:
     """A control plane of its own whose API server serves watches from etcd (no watch
     cache): there, etcd's compaction makes an old resourceVersion really expire."""
     assets = assets_folder()
@@ -86,9 +88,7 @@ def uncached() -> Iterator[client.ApiClient]:
         pytest.skip("KUBEBUILDER_ASSETS unset")
     plane = start_control_plane(assets, ("--watch-cache=false",), controllers=False)
     try:
-        api = config.new_client_from_config(str(plane.kubeconfig))
-        api.plane = plane  # type: ignore[attr-defined]
-        yield api
+        yield plane, config.new_client_from_config(str(plane.kubeconfig))
     finally:
         plane.stop()
         shutil.rmtree(plane.folder, ignore_errors=True)
@@ -96,15 +96,16 @@ def uncached() -> Iterator[client.ApiClient]:
 
 @pytest.mark.asyncio
 async def test_an_expired_resource_version_leads_to_a_new_list(
-        uncached: client.ApiClient) -> None:
-    core = client.CoreV1Api(uncached)
+        uncached: tuple[ControlPlane, client.ApiClient]) -> None:
+    plane, api = uncached
+    core = client.CoreV1Api(api)
     namespace = "default"
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "default"}})
     before = core.list_namespaced_pod(namespace).metadata.resource_version
     for shard in range(3):
         core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
-    uncached.plane.compact_etcd()  # type: ignore[attr-defined]  # as the server every 5 min
-    informer = PodInformer([namespace], lambda uids: None, api=uncached)
+    plane.compact_etcd()  # as the API server does every 5 minutes
+    informer = PodInformer([namespace], lambda uids: None, api=api)
     # Resuming where a watch stopped before the pods existed, now compacted away: the
     # server answers 410 Gone, and only the list that follows can show the pods.
     informer.start(resume_from=before)
