@@ -58,6 +58,40 @@ class Change:
     view: PodView | None
 
 
+class PodStore:
+    """Pod views by job uid, changed by watch events and completed lists. Pure data."""
+
+    def __init__(self) -> None:
+        self.by_job: dict[str, dict[Key, PodView]] = {}
+        self.uid_of: dict[Key, str] = {}
+
+    def apply(self, changes: Iterable[Change], listed: set[Key] | None = None,
+              scope: str | None = None) -> set[str]:
+        """Apply changes; ``listed``: the keys a completed list of ``scope`` saw (the
+        scope's other pods were deleted while nobody watched). Returns the uids of jobs
+        whose pods changed."""
+        woken: set[str] = set()
+        for change in changes:
+            woken |= self._put(change)
+        if listed is not None:
+            gone = [k for k in self.uid_of if _in_scope(k, scope) and k not in listed]
+            for key in gone:
+                woken |= self._put(Change(key, self.uid_of[key], None))
+        return woken
+
+    def _put(self, change: Change) -> set[str]:
+        old_uid = self.uid_of.pop(change.key, None)
+        old = self.by_job.get(old_uid, {}).pop(change.key, None) if old_uid else None
+        if old_uid and not self.by_job.get(old_uid):
+            self.by_job.pop(old_uid, None)
+        if change.view is not None:
+            self.uid_of[change.key] = change.uid
+            self.by_job.setdefault(change.uid, {})[change.key] = change.view
+        if old == change.view and (old is None or old_uid == change.uid):
+            return set()  # nothing a reconcile reads changed (e.g. only resourceVersion)
+        return {u for u in (old_uid, change.uid) if u}
+
+
 class PodInformer:
     """Our pods by job uid, kept current by one list+watch per scope.
 
@@ -72,8 +106,7 @@ class PodInformer:
         self.api = api
         self.scopes: list[str | None] = list(namespaces) or [None]
         self.on_change, self.page_size, self.watch_seconds = on_change, page_size, watch_seconds
-        self.by_job: dict[str, dict[Key, PodView]] = {}
-        self._uid_of: dict[Key, str] = {}
+        self.store = PodStore()
         self._listed: set[str | None] = set()
         self._synced = asyncio.Event()
         self._stop = threading.Event()
@@ -91,7 +124,7 @@ class PodInformer:
 
     def get(self, uid: str) -> tuple[PodView, ...]:
         """The job's pods as last seen (empty before the first list)."""
-        return tuple(self.by_job.get(uid, {}).values())
+        return tuple(self.store.by_job.get(uid, {}).values())
 
     def start(self, resume_from: str | None = None) -> None:
         """One thread per scope; ``resume_from``: watch from that resourceVersion before
@@ -113,33 +146,15 @@ class PodInformer:
             _close(stream)
 
     def _apply(self, scope: str | None, changes: list[Change], listed: set[Key] | None) -> None:
-        """Apply one batch; ``listed``: the keys a completed list saw (the rest of the
-        scope's pods were deleted while nobody watched)."""
-        woken: set[str] = set()
-        for change in changes:
-            woken |= self._put(change)
+        """Apply one batch (on the event loop); wake the jobs whose pods changed."""
+        woken = self.store.apply(changes, listed, scope)
         if listed is not None:
-            gone = [k for k in self._uid_of if _in_scope(k, scope) and k not in listed]
-            for key in gone:
-                woken |= self._put(Change(key, self._uid_of[key], None))
             self.lists += 1
             self._listed.add(scope)
             if len(self._listed) == len(self.scopes):
                 self._synced.set()
         if woken:
             self.on_change(woken)
-
-    def _put(self, change: Change) -> set[str]:
-        old_uid = self._uid_of.pop(change.key, None)
-        old = self.by_job.get(old_uid, {}).pop(change.key, None) if old_uid else None
-        if old_uid and not self.by_job.get(old_uid):
-            self.by_job.pop(old_uid, None)
-        if change.view is not None:
-            self._uid_of[change.key] = change.uid
-            self.by_job.setdefault(change.uid, {})[change.key] = change.view
-        if old == change.view and (old is None or old_uid == change.uid):
-            return set()  # nothing a reconcile reads changed (e.g. only resourceVersion)
-        return {u for u in (old_uid, change.uid) if u}
 
     def _send(self, scope: str | None, changes: list[Change], listed: set[Key] | None) -> None:
         assert self._loop is not None

@@ -63,7 +63,7 @@ async def test_lists_in_pages_then_watches_only_our_pods(
         assert sorted(phases(informer)) == [f"w-{s}" for s in range(5)]
         # 2 + 2 + 1 of our pods: the server filtered (all 7 pods would take 4 pages).
         assert informer.pages == 3 and informer.lists == 1
-        assert set(informer.by_job) == {JOB} and {JOB} in woken
+        assert set(informer.store.by_job) == {JOB} and {JOB} in woken
 
         core.create_namespaced_pod(namespace, pod("w-5", 5))
         core.create_namespaced_pod(namespace, pod("stranger-2"))
@@ -73,7 +73,7 @@ async def test_lists_in_pages_then_watches_only_our_pods(
         core.delete_namespaced_pod("w-0", namespace, grace_period_seconds=0)
         await until(lambda: "w-0" not in phases(informer))
         assert sorted(phases(informer)) == [f"w-{s}" for s in range(1, 6)]
-        assert set(informer.by_job) == {JOB}  # the strangers were never delivered
+        assert set(informer.store.by_job) == {JOB}  # the strangers were never delivered
         assert informer.lists == 1 and informer.expired == 0
     finally:
         informer.stop()
