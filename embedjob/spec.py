@@ -275,6 +275,10 @@ class EmbeddingJobSpec(Model):
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="S3 endpoint, region and credentials"
     )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job (and its pods) this many seconds after it "
+        "Succeeded or Failed; unset: keep it (as batch/v1 Job's field)"
+    )
 
     @property
     def effective_parallelism(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -122,6 +123,10 @@ class ControlPlane:
     assets: Path
     folder: Path
     port: int = 0
+    etcd_url: str = ""
+    apiserver_args: tuple[str, ...] = ()
+    """Extra kube-apiserver flags (e.g. no watch cache, so etcd compaction reaches watches)."""
+    controllers: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -155,6 +160,7 @@ class ControlPlane:
     def start(self, timeout: float = 120.0) -> None:
         write_pki(self.folder)
         etcd_port, peer_port, self.port = _free_port(), _free_port(), _free_port()
+        self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         admin = {"client-certificate-data": _b64(self.folder / "admin.crt"),
                  "client-key-data": _b64(self.folder / "admin.key")}
         self.kubeconfig.write_text(yaml.safe_dump(
@@ -179,9 +185,9 @@ class ControlPlane:
             "--service-account-key-file", str(f / "sa.pub"),
             "--service-account-signing-key-file", str(f / "sa.key"),
             "--service-cluster-ip-range", "10.0.0.0/24", "--endpoint-reconciler-type", "none",
-            "--enable-admission-plugins", ADMISSION_PLUGINS])
+            "--enable-admission-plugins", ADMISSION_PLUGINS, *self.apiserver_args])
         self._wait_ready(timeout)
-        if (self.assets / "kube-controller-manager").exists():
+        if self.controllers and (self.assets / "kube-controller-manager").exists():
             self._spawn("kube-controller-manager", [
                 "--kubeconfig", str(self.kubeconfig),
                 "--authentication-kubeconfig", str(self.kubeconfig),
@@ -190,6 +196,19 @@ class ControlPlane:
                 "--service-account-private-key-file", str(f / "sa.key"),
                 "--root-ca-file", str(f / "ca.crt"), "--leader-elect=false",
                 "--bind-address", "127.0.0.1", "--secure-port", "0"])
+
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to now (what the API server does every 5 minutes):
+        watches from an older resourceVersion then get 410 Gone. Returns the revision."""
+        def post(path: str, body: dict) -> dict:
+            request = urllib.request.Request(f"{self.etcd_url}{path}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+
+        revision = int(post("/v3/kv/range", {"key": "AA=="})["header"]["revision"])
+        post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def stop(self) -> None:
         """Stop in reverse start order: SIGTERM, then SIGKILL after 5 s."""
@@ -253,9 +272,11 @@ def assets_folder() -> Path | None:
     return folder
 
 
-def start_control_plane(assets: Path) -> ControlPlane:
+def start_control_plane(assets: Path, apiserver_args: tuple[str, ...] = (),
+                        controllers: bool = True) -> ControlPlane:
     folder = Path(tempfile.mkdtemp(prefix="embedjob-envtest-"))
-    plane = ControlPlane(assets=assets, folder=folder)
+    plane = ControlPlane(assets=assets, folder=folder, apiserver_args=apiserver_args,
+                         controllers=controllers)
     try:
         plane.start()
     except BaseException:

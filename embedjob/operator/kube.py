@@ -161,6 +161,18 @@ async def delete_pod(namespace: str, name: str) -> bool:
     return True
 
 
+async def delete_job(namespace: str, name: str) -> bool:
+    """Delete an EmbeddingJob (its pods follow by owner reference); False if already gone."""
+    try:
+        await _call(client.CustomObjectsApi(connect()).delete_namespaced_custom_object,
+                    API_GROUP, API_VERSION, namespace, PLURAL, name)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
 async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON merge patch of the status subresource."""
     await _call(

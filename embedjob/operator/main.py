@@ -1,7 +1,8 @@
 """The kopf operator: thin handlers around :func:`embedjob.operator.reconcile.reconcile`.
 
 One daemon per EmbeddingJob runs its loop (so reconciles of a job never overlap); pod
-changes land in a kopf index keyed by the job's uid and only wake that loop.
+changes land in our own informer (:mod:`embedjob.operator.informer`: server-side label
+selector, paginated list) keyed by the job's uid and only wake that loop.
 Start it as a module (``embedjob operator`` or ``kopf run -m embedjob.operator.main``).
 """
 
@@ -22,16 +23,16 @@ from typing import Any
 import kopf
 
 from embedjob import layout
-from embedjob.operator import kube, metrics, pacing, poller
+from embedjob.operator import kube, metrics, pacing, poller, retention
 from embedjob.operator.config import OperatorSettings, load_settings
 from embedjob.operator.heartbeats import Observed
 from embedjob.operator.incremental import UnitMemo
+from embedjob.operator.informer import PodInformer
 from embedjob.operator.observe import ended_attempts, past_index
 from embedjob.operator.reconcile import Plan, reconcile, refused
 from embedjob.operator.steps import Event
 from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores, job_storage
 from embedjob.operator.views import (
-    LABEL_JOB_UID,
     ROLE_INDEX,
     ROLE_WORKER,
     IndexInfo,
@@ -44,6 +45,7 @@ from embedjob.operator.views import (
     pod_view,
     status_view,
 )
+from embedjob.ranges import range_set
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 from embedjob.status import shard_state_counts
 
@@ -91,14 +93,28 @@ async def loop_health(**_: Any) -> None:
     LAG_PROBE.start()
 
 
-@kopf.index("pods", labels={LABEL_JOB_UID: kopf.PRESENT})
-async def pods_by_job(body: kopf.Body, labels: Mapping[str, str], **_: Any) -> dict[str, PodView]:
-    view = pod_view(body)
-    uid = labels[LABEL_JOB_UID]
-    loop = LOOPS.get(uid)
-    if loop is not None:
-        loop.wake.set()
-    return {uid: view} if view is not None else {}
+PODS: PodInformer | None = None
+
+
+@kopf.on.startup()
+async def start_pods(memo: kopf.Memo, **_: Any) -> None:
+    """Our pod informer (kopf sends no labelSelector for an index's labels filter)."""
+    global PODS
+    PODS = PodInformer(memo.get("namespaces") or [], _wake)
+    PODS.start()
+
+
+@kopf.on.cleanup()
+async def stop_pods(**_: Any) -> None:
+    if PODS is not None:
+        PODS.stop()
+
+
+def _wake(uids: set[str]) -> None:
+    for uid in uids:
+        loop = LOOPS.get(uid)
+        if loop is not None:
+            loop.wake.set()
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
@@ -112,12 +128,13 @@ async def job_changed(uid: str, body: kopf.Body, **_: Any) -> None:
 
 @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10.0)
 async def job_daemon(
-    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, pods_by_job: kopf.Index,
-    memo: kopf.Memo, **_: Any
+    body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
 ) -> None:
     loop = LOOPS.setdefault(uid, JobLoop(uid, memo.settings))
+    assert PODS is not None  # started before any daemon (kopf runs startup handlers first)
     try:
-        await loop.run(body, pods_by_job, stopped)
+        await PODS.synced()  # no pass before the first list: a missing pod looks vanished
+        await loop.run(body, PODS, stopped)
     finally:
         LOOPS.pop(uid, None)
         WAKE_KEYS.pop(uid, None)
@@ -141,6 +158,9 @@ class JobLoop:
         self.index: IndexInfo | IndexUnreadable | None = None
         self.ended_read: set[str] = set()  # ended attempts whose progress was read after
         self.poller = poller.shared(settings, lambda: Stores(settings, kube.read_secret_data))
+        self.removed: set[str] = set()  # recorded pods this process deleted (retention)
+        self.done_read: set[int] = set()  # done shards whose final progress was asked for
+        self.done_seen: str | None = None  # shardsDone when done_read was last brought up
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
@@ -149,7 +169,7 @@ class JobLoop:
         self.cost = 0.0  # CPU seconds of the last pass: the pause after it scales with it
         self.counts: tuple[Plan, dict[str, int]] | None = None  # shard states of a plan
 
-    async def run(self, body: kopf.Body, index: kopf.Index, stopped: Any) -> None:
+    async def run(self, body: kopf.Body, index: PodInformer, stopped: Any) -> None:
         while not stopped:
             self.wake.clear()  # before the step: an event during the step wakes the next one
             try:
@@ -167,12 +187,12 @@ class JobLoop:
                 with contextlib.suppress(asyncio.TimeoutError, ValueError):
                     await asyncio.wait_for(self.wake.wait(), min(1.0, deadline - time.monotonic()))
 
-    async def step(self, body: kopf.Body, index: kopf.Index) -> float:
+    async def step(self, body: kopf.Body, index: PodInformer) -> float:
         started = time.perf_counter()
         # kopf swaps a live body's dict for a new one, never edits it: these stay as read.
         raw = {key: body.get(key) for key in ("metadata", "spec", "status")}
         job = await _off_loop(lambda: self.own_status(job_view(raw)))
-        pods = self.with_expected([p for p in index.get(self.uid, ()) if p is not None])
+        pods = self.with_expected(list(index.get(self.uid)))
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             await self.read_index(job, pods)
             await self.read_storage(job, pods)
@@ -186,6 +206,7 @@ class JobLoop:
             await self.apply(job, plan)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         wait = plan.requeue_after if plan.requeue_after is not None else 3600.0
+        wait = min(wait, await self.tidy(raw, pods))
         if self.pending_status is not None:
             wait = min(wait, max(0.0, self.settings.status_interval_seconds - self.since_patch()))
         return max(wait, 0.05)
@@ -204,6 +225,36 @@ class JobLoop:
         self.cost = time.thread_time() - cpu
         metrics.RECONCILE_PASS_SECONDS.observe(self.cost)
         return plan
+
+    def retained(self, raw: dict[str, Any], pods: list[PodView]
+                 ) -> tuple[JobView, list[str], float | None]:
+        """What :meth:`tidy` acts on, from the status as written (parsed off the loop)."""
+        job = job_view(raw)
+        written = status_view(self.patched) if self.patched is not None else job.status
+        doomed = [n for n in retention.recorded_pods(pods, written) if n not in self.removed]
+        return job, doomed, retention.ttl_left(job, written, datetime.now(timezone.utc))
+
+    async def tidy(self, raw: dict[str, Any], pods: list[PodView]) -> float:
+        """Delete worker pods the written status records, and the job once its
+        ttlSecondsAfterFinished is over (:mod:`retention`); seconds until that TTL."""
+        job, doomed, left = await _off_loop(self.retained, raw, pods)
+        limit = asyncio.Semaphore(API_CONCURRENCY)
+
+        async def delete(name: str) -> None:
+            async with limit:
+                await kube.delete_pod(job.namespace, name)
+            self.removed.add(name)
+
+        await asyncio.gather(*(delete(n) for n in doomed))
+        if doomed:
+            log.info(json.dumps({"job": job.name, "event": "pods_removed", "count": len(doomed),
+                                 "message": "finished worker pods recorded in the status"}))
+        if left is not None and left <= 0:
+            log.info(json.dumps({"job": job.name, "event": "ttl_expired",
+                                 "message": "ttlSecondsAfterFinished is over: deleting the job"}))
+            await kube.delete_job(job.namespace, job.name)
+            return 3600.0  # the deletion stops this loop
+        return left if left is not None else 3600.0
 
     def since_patch(self) -> float:
         return time.monotonic() - self.patched_at
@@ -334,8 +385,20 @@ class JobLoop:
                 await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
                                        ENDED_READ_SECONDS)
         self.progress, self.beats = reads.snapshot()
+        self.read_done(job)
         if reads.refused is not None:
             await self.not_read(job, reads.refused)
+
+    def read_done(self, job: JobView) -> None:
+        """Shards recorded done before this process started have no pod left (retention
+        deletes them): their final counts are read once, in the budget, not waited for."""
+        if job.status.shards_done == self.done_seen:
+            return
+        self.done_seen = job.status.shards_done
+        missing = range_set(job.status.shards_done) - self.progress.keys() - self.done_read
+        if missing:
+            self.done_read |= missing
+            self.poller.ended(self.uid, dict.fromkeys(missing, -1))
 
     async def not_read(self, job: JobView, message: str) -> None:
         """The operator may not read this job's output: say so once (a log line and a
@@ -440,7 +503,7 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
         clusterwide=not names,
         namespaces=names,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, namespaces=names),
     )
     return 0
 

@@ -21,9 +21,10 @@ class PolicyRule(TypedDict):
 
 
 REQUIRED_RULES: list[PolicyRule] = [
-    # kopf: the watch stream of jobs, finalizer and annotations (patch)
+    # kopf: the watch stream of jobs, finalizer and annotations (patch);
+    # kube.delete_job: spec.ttlSecondsAfterFinished
     {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs"],
-     "verbs": ["list", "watch", "patch"]},
+     "verbs": ["list", "watch", "patch", "delete"]},
     # kube.patch_status
     {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs/status"], "verbs": ["patch"]},
     # kube.create_pod: pods name the job as owner with blockOwnerDeletion, which the
@@ -31,7 +32,7 @@ REQUIRED_RULES: list[PolicyRule] = [
     # who may update the owner's finalizers; kopf's own finalizer is a patch of the job.
     {"apiGroups": ["embedjob.io"], "resources": ["embeddingjobs/finalizers"],
      "verbs": ["update"]},
-    # kopf: the pod index (list+watch); kube.create_pod / kube.delete_pod
+    # informer.PodInformer (list+watch, labelSelector); kube.create_pod / kube.delete_pod
     {"apiGroups": [""], "resources": ["pods"],
      "verbs": ["list", "watch", "create", "delete"]},
     # kube.post_event and kopf's own events

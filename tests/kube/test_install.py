@@ -98,7 +98,7 @@ def test_operator_account_can_do_exactly_what_the_operator_calls(
                                              f"--subresource={sub}", "--as", user, check=False)
                 assert done.stdout.strip() == "yes", f"{user} cannot {verb} {resource}"
     for verb, target in (("list", "secrets"), ("watch", "secrets"),
-                         ("delete", "embeddingjobs.embedjob.io")):
+                         ("update", "embeddingjobs.embedjob.io")):
         done = control_plane.kubectl("auth", "can-i", verb, target, "-n", namespace,
                                      "--as", user, check=False)
         assert done.stdout.strip() == "no", f"{user} may {verb} {target}: more than needed"

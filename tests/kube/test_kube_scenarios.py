@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from kubelet import Kubelet
+from kubernetes.client.exceptions import ApiException
 from operatorkit import (
     Jobs,
     assert_output,
@@ -60,18 +61,33 @@ def env_of(kubelet: Kubelet, jobs: Jobs, pod: str) -> dict[str, str]:
 
 
 def test_happy_path_two_shards(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path) -> None:
+    """Also: recorded worker pods are deleted, and the job after ttlSecondsAfterFinished."""
     uri = upload_fasta(s3_bucket, tmp_path, 12)
-    jobs.create("happy", job_spec(s3_bucket, uri, "happy/"))
+    jobs.create("happy", job_spec(s3_bucket, uri, "happy/") | {"ttlSecondsAfterFinished": 8})
     job = jobs.wait_phase("happy", "Succeeded")
     status = job["status"]
     assert status["shardsReady"] == "2/2" and status["shardsDone"] == "0-1"
     assert status["progress"]["done"] == status["progress"]["total"] == 12
-    assert jobs.pod_names("happy") == ["happy-0-0", "happy-1-0", "happy-finalize-0",
-                                       "happy-index-0"]
-    assert {"Indexing", "Running", "Merging", "Succeeded"} <= set(jobs.reasons("happy"))
-    pod = jobs.pod("happy-0-0")
-    assert pod["spec"]["nodeName"] == "node-1" and pod["status"]["phase"] == "Succeeded"
+    # Worker pods go once the status records their shards; index and finalize stay (logs).
+    wait_for(lambda: jobs.pod_names("happy") == ["happy-finalize-0", "happy-index-0"],
+             timeout=60)
+    for shard in (0, 1):
+        run = kubelet.started(f"happy-{shard}-0", jobs.namespace)
+        assert run is not None and run.proc.returncode == 0
+        assert kubelet.started(f"happy-{shard}-1", jobs.namespace) is None  # never rerun
     assert_output(s3_bucket, "happy/", tmp_path / "in.fa", tmp_path)
+    wait_for(lambda: gone(jobs, "happy"), timeout=60)  # the TTL, then its pods by GC
+    wait_for(lambda: jobs.pods("happy") == [], timeout=60)
+    reasons = jobs.reasons("happy")
+    assert {"Indexing", "Running", "Merging"} <= set(reasons) and reasons.count("Succeeded") == 1
+
+
+def gone(jobs: Jobs, name: str) -> bool:
+    try:
+        jobs.get(name)
+    except ApiException as err:
+        return err.status == 404
+    return False
 
 
 def preempted_and_resumed(jobs: Jobs, kubelet: Kubelet, s3, tmp: Path, name: str,
@@ -93,8 +109,9 @@ def preempted_and_resumed(jobs: Jobs, kubelet: Kubelet, s3, tmp: Path, name: str
     assert run is not None and run.proc.returncode == 143  # checkpointed on SIGTERM
     saved = json.loads(run.termination.read_text())["committed"]
     assert saved >= 6
-    resumed = jobs.pod(f"{name}-0-1")
-    assert resumed["metadata"]["annotations"]["embedjob.io/start-done"] == str(saved)
+    resumed = kubelet.started(f"{name}-0-1", jobs.namespace)
+    assert resumed is not None  # its pod is deleted once the shard is recorded
+    assert resumed.pod["metadata"]["annotations"]["embedjob.io/start-done"] == str(saved)
     log = kubelet.log(f"{name}-0-1", jobs.namespace)
     assert '"event":"shard.resume"' in log and f'"committed":{saved}' in log
     assert "RetryPreempted" in jobs.reasons(name)
@@ -207,7 +224,8 @@ def test_poison_input_is_bisected_then_quarantined(jobs: Jobs, s3_bucket, tmp_pa
     assert job["status"]["shardsDone"] == "0"
 
 
-def test_operator_killed_mid_job_duplicates_nothing(jobs: Jobs, s3_bucket, tmp_path) -> None:
+def test_operator_killed_mid_job_duplicates_nothing(jobs: Jobs, kubelet: Kubelet, s3_bucket,
+                                                     tmp_path) -> None:
     uri = upload_fasta(s3_bucket, tmp_path, 12)
     spec = job_spec(s3_bucket, uri, "rs/", failpoints="stall:batch=1,attempt=0,seconds=3")
     jobs.create("rs", spec)
@@ -216,7 +234,8 @@ def test_operator_killed_mid_job_duplicates_nothing(jobs: Jobs, s3_bucket, tmp_p
     jobs.operator.stop(signal.SIGKILL)
     jobs.operator.start()
     jobs.wait_phase("rs", "Succeeded")
-    assert jobs.pod_names("rs") == ["rs-0-0", "rs-1-0", "rs-finalize-0", "rs-index-0"]
+    wait_for(lambda: jobs.pod_names("rs") == ["rs-finalize-0", "rs-index-0"], timeout=60)
+    assert [kubelet.started(f"rs-{s}-1", jobs.namespace) for s in (0, 1)] == [None, None]
     assert_output(s3_bucket, "rs/", tmp_path / "in.fa", tmp_path)
 
 
@@ -238,12 +257,13 @@ def test_suspend_and_resume(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path) -
     jobs.patch_spec("sus", {"suspend": False})
     jobs.wait_phase("sus", "Succeeded")
     for s in (0, 1):
-        assert jobs.pod(f"sus-{s}-1")["metadata"]["annotations"].get(
+        run = kubelet.started(f"sus-{s}-1", jobs.namespace)
+        assert run is not None and run.pod["metadata"]["annotations"].get(
             "embedjob.io/start-done") == str(saved[s])
     assert_output(s3_bucket, "sus/", tmp_path / "in.fa", tmp_path)
 
 
-def test_two_jobs_side_by_side(jobs: Jobs, s3_bucket, tmp_path) -> None:
+def test_two_jobs_side_by_side(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path) -> None:
     """Also: fewer sequences than spec.shards -> the index's effective shard count."""
     uri = upload_fasta(s3_bucket, tmp_path, 6)
     few = upload_fasta(s3_bucket, tmp_path, 2, key="few.fa")
@@ -253,9 +273,9 @@ def test_two_jobs_side_by_side(jobs: Jobs, s3_bucket, tmp_path) -> None:
     assert jobs.wait_phase("right", "Succeeded")["status"]["shardsReady"] == "2/2"
     assert_output(s3_bucket, "left/", tmp_path / "in.fa", tmp_path)
     assert_output(s3_bucket, "right/", tmp_path / "few.fa", tmp_path)
-    assert jobs.pod_names("left") == ["left-0-0", "left-finalize-0", "left-index-0"]
-    assert jobs.pod_names("right") == ["right-0-0", "right-1-0", "right-finalize-0",
-                                       "right-index-0"]
+    started = [p for p in ("left-0-0", "right-0-0", "right-1-0", "right-2-0")
+               if kubelet.started(p, jobs.namespace)]
+    assert started == ["left-0-0", "right-0-0", "right-1-0"]
 
 
 def test_lost_node_mid_shard_is_replaced_and_output_is_exact(jobs: Jobs, kubelet: Kubelet,
@@ -272,7 +292,9 @@ def test_lost_node_mid_shard_is_replaced_and_output_is_exact(jobs: Jobs, kubelet
         job = jobs.wait_phase("ln", "Succeeded")
     finally:
         kubelet.register(node)  # a replacement machine under the same name
-    assert int(jobs.pod("ln-0-1")["metadata"]["annotations"]["embedjob.io/start-done"]) >= saved
+    resumed = kubelet.started("ln-0-1", jobs.namespace)
+    assert resumed is not None
+    assert int(resumed.pod["metadata"]["annotations"]["embedjob.io/start-done"]) >= saved
     assert '"event":"shard.resume"' in kubelet.log("ln-0-1", jobs.namespace)
     preempted = [e["message"] for e in jobs.events("ln") if e["reason"] == "RetryPreempted"]
     assert any("shard 0" in m and "disappeared" in m for m in preempted)

@@ -98,7 +98,7 @@ name a job gives in spec.storage.credentialsSecret, to read its output with its 
 {{- define "embedjob.rules" -}}
 - apiGroups: ["embedjob.io"]
   resources: ["embeddingjobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["embedjob.io"]
   resources: ["embeddingjobs/status"]
   verbs: ["patch"]
