@@ -153,6 +153,8 @@ class TerminationMessage:
     """The token budget the attempt ran at (what ``auto`` chose): the OOM policy halves it."""
     precision: str | None = None
     """The precision the attempt ran at (what ``auto`` resolved): NaN/Inf moves one up."""
+    reset_shards: list[int] = field(default_factory=list)
+    """Finished shards a finalize step found damaged and reset (to be embedded again)."""
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v not in (None, [], False)}

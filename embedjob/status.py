@@ -266,6 +266,8 @@ def dump_status(status: EmbeddingJobStatus) -> dict[str, Any]:
         | {"shard": e.shard}
         for e in status.manifest
     ]
+    data["requests"] = status.requests.model_dump(mode="json", by_alias=True,  # {} until one
+                                                  exclude_none=True, exclude_defaults=True)
     return data
 
 

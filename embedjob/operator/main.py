@@ -152,6 +152,8 @@ class JobLoop:
             await self.read_ended(job, pods)
         now = datetime.now(timezone.utc)
         plan = reconcile(job, pods, self.progress, now, self.settings, self.index)
+        if plan.forget_reads:  # a restart: the earlier run's index and progress are stale
+            self.index, self.progress, self.finished_cache = None, {}, set()
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -271,6 +273,7 @@ class JobLoop:
         self.progress_at = time.monotonic()
         assert job.spec is not None
         done = range_set(job.status.shards_done)
+        self.finished_cache &= done  # a shard reset by finalize is polled again
         wanted = only if only is not None else sorted(
             {p.shard for p in pods if p.role == ROLE_WORKER} - self.finished_cache)
         try:

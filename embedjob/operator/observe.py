@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from embedjob.attempts import Ended, committed_by
@@ -14,7 +14,7 @@ from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.views import IndexInfo, JobView, PodView
 from embedjob.progress import ShardProgress
 from embedjob.ranges import range_set
-from embedjob.spec import EmbeddingJobSpec, Phase, ShardEntry
+from embedjob.spec import EmbeddingJobSpec, EmbeddingJobStatus, Phase, ShardEntry
 from embedjob.status import attempt_name, expand_manifest
 
 
@@ -39,6 +39,9 @@ class World:
     index: IndexInfo | None
     indexed: bool
     """The index step is behind us (its pod succeeded, or shards have started)."""
+    floors: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    """The first attempt that counts for a unit (role, shard): ended pods below it are
+    history, e.g. after a retry-failed request or a shard a finalize step reset."""
 
     @property
     def shards(self) -> int | None:
@@ -62,18 +65,29 @@ def observe(
     spec = job.spec
     assert spec is not None
     old = job.status
-    latest = _latest(pods)
-    stale = tuple(p.name for p in pods if latest[(p.role, p.shard)].name != p.name
-                  and p.terminated and not p.deleting)
-    limit = index.shards if index is not None else spec.shards
-    done = {s for s in range_set(old.shards_done) | _succeeded_workers(pods) if s < limit}
     entries = expand_manifest(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    floors = _floors(old, entries)
+    counted = [p for p in pods if p.active or p.attempt >= floors.get((p.role, p.shard), 0)]
+    latest = _latest(counted)
+    stale = tuple(p.name for p in pods if p.terminated and not p.deleting
+                  and getattr(latest.get((p.role, p.shard)), "name", None) != p.name)
+    limit = index.shards if index is not None else spec.shards
+    done = {s for s in range_set(old.shards_done) | _succeeded_workers(counted) if s < limit}
     return World(
         job=job, spec=spec, settings=settings, now=now, pods=tuple(pods), latest=latest,
         stale=stale, done=frozenset(done), failed=frozenset(range_set(old.shards_failed) - done),
         entries=entries, progress=progress, index=index,
-        indexed=_indexed(old.phase, pods, bool(done), entries),
+        indexed=_indexed(old.phase, pods, bool(done), entries), floors=floors,
     )
+
+
+def _floors(old: EmbeddingJobStatus, entries: Mapping[int, ShardEntry]
+            ) -> dict[tuple[str, int], int]:
+    """A shard's recorded attempt, and the finalize step's from status.requests: a request
+    that re-runs a unit moves its floor past the attempts it discards."""
+    floors = {(ROLE_WORKER, s): e.attempt for s, e in entries.items() if s >= 0}
+    floors[(ROLE_FINALIZE, -1)] = old.requests.finalize_from
+    return floors
 
 
 def _succeeded_workers(pods: list[PodView]) -> set[int]:

@@ -21,6 +21,8 @@ from embedjob.failures import ConfigError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
+from embedjob.operator.requests import WAIT_SECONDS, Taken
+from embedjob.operator.requests import take as take_requests
 from embedjob.operator.steps import Event, Unit, step
 from embedjob.operator.views import IndexInfo, JobView, PodView
 from embedjob.policy import ShardHistory
@@ -54,6 +56,7 @@ class Plan:
     status_urgent: bool = False  # a transition: patch now, not at the bounded rate
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    forget_reads: bool = False  # a restart: what the shell read of the earlier run is stale
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ def reconcile(
     ``index`` is the index step's summary once it exists: the effective shard count (it
     can be below spec.shards) and the sequence total come from it, never from the spec.
     """
+    taken = take_requests(job, pods, progress, now)  # restart, retry-failed, reset shards
+    if taken.hold or (taken.changed and taken.job.status.phase in TERMINAL):
+        return _requested(taken)
+    job = taken.job
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
         return Plan()
@@ -94,7 +101,21 @@ def reconcile(
         decided = _decide(world)
     except ConfigError as err:  # e.g. an unusable spec.template
         return _invalid(job, str(err), now)
-    return _plan(world, decided)
+    plan = _plan(world, decided)
+    if not taken.changed:
+        return plan
+    return replace(plan, events=[*taken.events, *plan.events], status_urgent=True,
+                   pods_to_delete=[*taken.stop, *plan.pods_to_delete],
+                   forget_reads=taken.forget_reads)
+
+
+def _requested(taken: Taken) -> Plan:
+    """Only what the requests decided: a restart waiting for pods, or a request ignored
+    on a finished job."""
+    return Plan(pods_to_delete=list(taken.stop), status=dump_status(taken.job.status),
+                status_urgent=True, events=list(taken.events),
+                requeue_after=WAIT_SECONDS if taken.hold else None,
+                forget_reads=taken.forget_reads)
 
 
 # --- decide: one function per step -------------------------------------------------------
@@ -107,7 +128,9 @@ def _decide(w: World) -> Decided:
         return _index(w)
     if w.shards is None and not w.failed:
         # The index pod has finished; its summary (the shard count) is not read yet.
-        return Decided(Phase.running, w.done, w.failed, requeue=1.0)
+        # Started shards keep their entries (a request may have set their next attempt).
+        kept = tuple(e for s, e in w.entries.items() if s >= 0)
+        return Decided(Phase.running, w.done, w.failed, entries=kept, requeue=1.0)
     if w.shards is not None and len(w.done) < w.shards and not w.failed:
         return _shards(w, w.shards)
     if w.failed:
@@ -186,7 +209,7 @@ def _plan(w: World, d: Decided) -> Plan:
         entries=d.entries, progress=_progress(w, count, d.done), generation=job.generation,
         unschedulable=tuple(u.unschedulable for u in d.units if u.unschedulable),
     )
-    status = job_status(outline, old, w.now)
+    status = job_status(outline, old, w.now).model_copy(update={"requests": old.requests})
     events = [e for u in d.units for e in u.events]
     if status.phase != old.phase:
         kind = "Warning" if status.phase == Phase.failed else "Normal"
