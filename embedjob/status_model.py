@@ -96,6 +96,9 @@ class Requests(Model):
     finalize_from: int = Field(
         0, description="Finalize attempts below this are history (a retry, or shards reset)")
     resets: int = Field(0, description="Times a finalize step reset damaged shards")
+    attempt_base: int = Field(
+        0, description="After a restart, every step and shard starts at this attempt, so no "
+        "pod name of the new run repeats one of the earlier run")
     last: str = Field("", description="The last request and what was done, in one line")
 
 

@@ -48,6 +48,10 @@ class World:
         """The effective shard count, once the index summary is read."""
         return self.index.shards if self.index is not None else None
 
+    def first_attempt(self, role: str, shard: int) -> int:
+        """The attempt a unit starts at when it has no pod: its floor, or a restart's base."""
+        return max(self.floors.get((role, shard), 0), self.job.status.requests.attempt_base)
+
     @property
     def active_workers(self) -> int:
         return sum(1 for p in self.pods if p.role == ROLE_WORKER and p.active)
@@ -67,7 +71,8 @@ def observe(
     old = job.status
     entries = expand_manifest(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
     floors = _floors(old, entries)
-    counted = [p for p in pods if p.active or p.attempt >= floors.get((p.role, p.shard), 0)]
+    base = old.requests.attempt_base
+    counted = [p for p in pods if p.active or p.attempt >= floors.get((p.role, p.shard), base)]
     latest = _latest(counted)
     stale = tuple(p.name for p in pods if p.terminated and not p.deleting
                   and getattr(latest.get((p.role, p.shard)), "name", None) != p.name)
@@ -83,10 +88,13 @@ def observe(
 
 def _floors(old: EmbeddingJobStatus, entries: Mapping[int, ShardEntry]
             ) -> dict[tuple[str, int], int]:
-    """A shard's recorded attempt, and the finalize step's from status.requests: a request
-    that re-runs a unit moves its floor past the attempts it discards."""
-    floors = {(ROLE_WORKER, s): e.attempt for s, e in entries.items() if s >= 0}
-    floors[(ROLE_FINALIZE, -1)] = old.requests.finalize_from
+    """A shard's recorded attempt, the finalize step's from status.requests, and a
+    restart's base for all: a request that re-runs a unit moves its floor past the attempts
+    it discards."""
+    base = old.requests.attempt_base
+    floors = {(role, -1): base for role in (ROLE_INDEX, ROLE_FINALIZE)}
+    floors |= {(ROLE_WORKER, s): max(e.attempt, base) for s, e in entries.items() if s >= 0}
+    floors[(ROLE_FINALIZE, -1)] = max(old.requests.finalize_from, base)
     return floors
 
 

@@ -76,7 +76,9 @@ def _restart(t: Taken, pods: list[PodView], now: datetime) -> Taken:
     if value and value != old.requests.restart:
         line = (f"restart {value!r}: stopping {len(pods)} pod(s) of the earlier run; the index "
                 "step then deletes this output's index, checkpoints and results and starts over")
+        base = _next_attempt(t.job, pods)
         requests = Requests(restart=value, restarting=True, retry_failed=old.requests.retry_failed,
+                            attempt_base=base, finalize_from=base,
                             last=f"{format_time(now)} {line}")
         fresh = EmbeddingJobStatus(conditions=old.conditions,
                                    observed_generation=old.observed_generation,
@@ -121,10 +123,14 @@ def _retry_failed(t: Taken, pods: list[PodView], now: datetime) -> Taken:
         status = _rerun_shards(t.job, pods, failed, fresh_budget=True, now=now)
         phase = Phase.running
     elif finalize is not None and finalize.phase == "Failed":
-        line = f"retry-failed {value!r}: running the finalize step again"
+        reset = _reset_shards(finalize)  # past the cap of resets: those shards, then finalize
+        line = f"retry-failed {value!r}: running the finalize step again" + (
+            f" after embedding the shard(s) it reset, {format_ranges(reset)}" if reset else "")
+        if reset:
+            status = _rerun_shards(t.job, pods, set(reset), fresh_budget=True, now=now)
         status = status.model_copy(update={"requests": status.requests.model_copy(
-            update={"finalize_from": finalize.attempt + 1})})
-        phase = Phase.merging
+            update={"finalize_from": finalize.attempt + 1, "resets": 0})})
+        phase = Phase.running if reset else Phase.merging
     else:
         why = status.message or "the job failed before its shards ran"
         return _ignored(t, value, f"no failed shard or step to retry ({why[:300]}); fix the "
@@ -164,7 +170,7 @@ def _finalize_reset(t: Taken, pods: list[PodView], progress: Mapping[int, ShardP
     if status.phase != Phase.merging or pod is None or pod.phase != "Failed":
         return t
     said = TerminationMessage.from_json(pod.termination_message)
-    reset = sorted({s for s in (said.reset_shards if said else []) if s >= 0})
+    reset = _reset_shards(pod)
     if not reset or status.requests.resets >= MAX_FINALIZE_RESETS:
         return t  # settled as any failed step: past the cap, the job fails saying why
     shards = format_ranges(reset)
@@ -214,6 +220,21 @@ def _rerun_shards(job: JobView, pods: list[PodView], shards: set[int], *, fresh_
     return status.model_copy(update={
         "shards_done": format_ranges(done), "manifest": sorted(out.values(), key=_shard),
         "shard_attempts": {}, "shards_running": "", "manifest_omitted": 0})
+
+
+def _reset_shards(pod: PodView) -> list[int]:
+    """The shards a failed finalize pod says it reset (its termination message)."""
+    said = TerminationMessage.from_json(pod.termination_message)
+    return sorted({s for s in (said.reset_shards if said else []) if s >= 0})
+
+
+def _next_attempt(job: JobView, pods: list[PodView]) -> int:
+    """Past every attempt the earlier run made (its pods, its status): the new run's pod
+    names never repeat one, so nothing of the earlier run can be mistaken for the new one."""
+    status = job.status
+    entries = expand_manifest(status, lambda s, a: "")
+    seen = [p.attempt for p in pods] + [e.attempt for e in entries.values()]
+    return max([*seen, status.requests.attempt_base - 1, status.requests.finalize_from - 1]) + 1
 
 
 def _shard(entry: ShardEntry) -> int:

@@ -121,24 +121,29 @@ def test_restart_stops_every_pod_then_the_index_step_discards() -> None:
     assert sorted(plan.pods_to_delete) == sorted(p.name for p in pods)
     assert plan.pods_to_create == [] and plan.forget_reads and plan.requeue_after
     assert plan.status["phase"] == "Pending" and plan.status["shardsDone"] == ""
-    assert plan.status["requests"] == {"restart": "r1", "restarting": True,
-                                       "last": plan.status["requests"]["last"]}
+    assert plan.status["requests"] == {"restart": "r1", "restarting": True, "attemptBase": 1,
+                                       "finalizeFrom": 1, "last": plan.status["requests"]["last"]}
     assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Restart")]
     # Still one pod stopping: wait, and create nothing (no late writer beside the discard).
     stopping = [pods[2]]
     wait = reconcile(job(plan.status, restart="r1"), stopping, {}, T0, S, IDX)
     assert wait.pods_to_create == [] and "waiting for 1 pod" in wait.status["message"]
     assert wait.events == []
-    # All gone: a new index pod (attempt 0 again) that discards the output first.
+    # All gone: a new index pod that discards the output first; attempts continue past the
+    # earlier run's, so no pod name (nor its Events, nor its logs) repeats.
     start = reconcile(job(wait.status, restart="r1"), [], {}, T0, S, None)
-    assert names(start) == ["j-index-0"] and start.status["phase"] == "Indexing"
+    assert names(start) == ["j-index-1"] and start.status["phase"] == "Indexing"
     assert env(start.pods_to_create[0])[RESTART_ENV] == "r1"
     assert start.status["requests"]["restart"] == "r1"
     assert "restarting" not in start.status["requests"]
     # Acted on once: the same value later changes nothing.
     index = with_state(start.pods_to_create[0], "Succeeded", exit_code=0, reason="Completed")
     later = reconcile(job(start.status, restart="r1"), [index], {}, T0, S, IDX)
-    assert names(later) == ["j-0-0", "j-1-0", "j-2-0"] and not later.pods_to_delete
+    assert names(later) == ["j-0-1", "j-1-1", "j-2-1"] and not later.pods_to_delete
+    shard = with_state(later.pods_to_create[0], "Succeeded", exit_code=0, reason="Completed")
+    old = pod("worker", 0, 0, "Succeeded")  # a pod of the earlier run would be history
+    assert reconcile(job(later.status, restart="r1"), [index, shard, old], {}, T0, S,
+                     IDX).status["shardsDone"] == "0"
 
 
 def test_finalize_that_reset_shards_reruns_them_then_finalizes_again() -> None:
@@ -173,6 +178,11 @@ def test_finalize_resets_are_capped() -> None:
     plan = reconcile(job(status), [*shards, fin], {}, T0 + timedelta(seconds=1), S, IDX)
     assert plan.status["phase"] == "Failed" and "damaged" in plan.status["message"]
     assert names(plan) == []
+    # retry-failed then embeds the shard it reset and finalizes after it.
+    retry = reconcile(job(plan.status, retry="z"), [*shards, fin], {}, T0, S, IDX)
+    assert names(retry) == ["j-1-1"] and retry.status["shardsDone"] == "0,2"
+    assert retry.status["requests"]["finalizeFrom"] == 4 and "resets" not in retry.status[
+        "requests"]
 
 
 def test_the_termination_message_carries_reset_shards() -> None:
