@@ -21,7 +21,7 @@ from embedjob.failures import ConfigError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
-from embedjob.operator.requests import WAIT_SECONDS, Taken
+from embedjob.operator.requests import WAIT_SECONDS, Taken, epoch
 from embedjob.operator.requests import take as take_requests
 from embedjob.operator.steps import Event, Unit, step
 from embedjob.operator.views import IndexInfo, JobView, PodView
@@ -215,7 +215,7 @@ def _plan(w: World, d: Decided) -> Plan:
         kind = "Warning" if status.phase == Phase.failed else "Normal"
         events.append(Event(kind, status.phase.value,
                             (status.message or f"phase {status.phase.value}")[:1000],
-                            f"phase/{status.phase.value}/{job.generation}"))
+                            f"phase/{status.phase.value}/{job.generation}/{epoch(old.requests)}"))
     return Plan(
         pods_to_create=[m for u in d.units for m in u.create],
         pods_to_delete=[*w.stale, *(n for u in d.units for n in u.delete), *d.stop],

@@ -13,6 +13,7 @@ or ``requests.finalizeFrom``): its older, ended pods are history from then on
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -83,7 +84,8 @@ def _restart(t: Taken, pods: list[PodView], now: datetime) -> Taken:
         fresh = EmbeddingJobStatus(conditions=old.conditions,
                                    observed_generation=old.observed_generation,
                                    requests=requests)
-        event = Event("Normal", "Restart", line[:EVENT_MESSAGE_MAX], f"request/restart/{value}")
+        event = Event("Normal", "Restart", line[:EVENT_MESSAGE_MAX],
+                      event_key("restart", value, old.requests))
         t = replace(t, job=replace(t.job, status=fresh), events=(event,), changed=True,
                     forget_reads=True)
     status = t.job.status
@@ -140,7 +142,7 @@ def _retry_failed(t: Taken, pods: list[PodView], now: datetime) -> Taken:
     status = _with_phase(status, phase, "", now).model_copy(
         update={"shards_failed": "", "requests": requests})
     event = Event("Normal", "RetryFailed", line[:EVENT_MESSAGE_MAX],
-                  f"request/retry-failed/{value}")
+                  event_key("retry-failed", value, t.job.status.requests))
     return replace(t, job=replace(t.job, status=status), events=(*t.events, event),
                    changed=True)
 
@@ -152,7 +154,7 @@ def _ignored(t: Taken, value: str, why: str, now: datetime) -> Taken:
     requests = status.requests.model_copy(update={"retry_failed": value,
                                                   "last": f"{format_time(now)} {line}"})
     event = Event("Warning", "RetryFailedIgnored", line[:EVENT_MESSAGE_MAX],
-                  f"request/retry-failed/{value}")
+                  event_key("retry-failed", value, status.requests))
     return replace(t, job=replace(t.job, status=status.model_copy(update={"requests": requests})),
                    events=(*t.events, event), changed=True)
 
@@ -184,7 +186,7 @@ def _finalize_reset(t: Taken, pods: list[PodView], progress: Mapping[int, ShardP
     status = _with_phase(rerun, Phase.running, "", now).model_copy(
         update={"requests": requests})
     event = Event("Normal", "ShardsReset", line[:EVENT_MESSAGE_MAX],
-                  f"request/reset/{pod.name}")
+                  event_key("reset", pod.name, status.requests))
     return replace(t, job=replace(t.job, status=status), events=(*t.events, event),
                    changed=True)
 
@@ -220,6 +222,18 @@ def _rerun_shards(job: JobView, pods: list[PodView], shards: set[int], *, fresh_
     return status.model_copy(update={
         "shards_done": format_ranges(done), "manifest": sorted(out.values(), key=_shard),
         "shard_attempts": {}, "shards_running": "", "manifest_omitted": 0})
+
+
+def event_key(kind: str, value: str, before: Requests) -> str:
+    """The key the shell posts an Event under once: the same decision taken again (its
+    status patch lost) is not posted twice, a later one with the same value is."""
+    return f"request/{kind}/{value}/{zlib.crc32(before.last.encode()):08x}"
+
+
+def epoch(requests: Requests) -> str:
+    """Changes with every request acted on: a phase the job reaches again after one (Failed
+    after a retry, Succeeded after a restart) is posted again."""
+    return f"{requests.attempt_base}.{requests.finalize_from}.{requests.retry_failed or ''}"
 
 
 def _reset_shards(pod: PodView) -> list[int]:

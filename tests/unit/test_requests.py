@@ -190,3 +190,17 @@ def test_the_termination_message_carries_reset_shards() -> None:
     assert json.loads(text)["reset_shards"] == [2, 5]
     assert TerminationMessage.from_json(text).reset_shards == [2, 5]  # type: ignore[union-attr]
     assert "reset_shards" not in TerminationMessage("generic", "m").to_json()
+
+
+def test_a_phase_reached_again_after_a_request_gets_its_event_again() -> None:
+    status, pods = failed_job()
+    first = reconcile(job({"phase": "Running"}), [*pods, pod("worker", 2, 0, "Running")], {},
+                      T0, S, IDX)
+    retried = reconcile(job(status, retry="t"), pods, {}, T0, S, IDX)
+    bad = TerminationMessage("input_error", "still broken").to_json()
+    again = [*pods, pod("worker", 1, 2, "Failed", message=bad, code=65),
+             pod("worker", 2, 1, "Running")]
+    failed = reconcile(job(retried.status, retry="t"), again, {}, T0, S, IDX)
+    assert failed.status["phase"] == "Failed"
+    keys = {e.reason: e.key for e in [*first.events, *failed.events]}
+    assert keys["Failed"] != next(e.key for e in first.events if e.reason == "Failed")
