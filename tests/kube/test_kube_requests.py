@@ -104,6 +104,7 @@ def test_damaged_shard_is_embedded_again_then_restart_starts_over(
     job = jobs.wait_phase("dm", "Succeeded", timeout=300)
     restart = events(jobs, "dm", "Restart")
     assert len(restart) == 1 and "r1" in restart[0]["message"]
+    assert len(events(jobs, "dm", "Succeeded")) == 2  # the new run's phases are posted too
     assert job["status"]["requests"]["restart"] == "r1"
     assert "restarting" not in job["status"]["requests"]
     # The new run's attempts continue past the earlier run's: no pod name repeats.
