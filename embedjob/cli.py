@@ -64,18 +64,27 @@ def _as_pod_step(step: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return step(args)
         except EmbedjobError as err:
             if not args.job:  # configured by the environment: a pod (or a runner's process)
-                write_termination_message(TerminationMessage(err.failure.value, err.message))
+                write_termination_message(TerminationMessage(
+                    err.failure.value, err.message,
+                    reset_shards=list(err.details.get("reset_shards", []))))
             raise
 
     return run
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from embedjob.operator.names import RESTART_ENV
     from embedjob.store import open_store
     from embedjob.worker.index import run_index
 
     spec, job = _spec_from_env_or_file(args.job)
-    summary = run_index(spec, open_store(spec.output.uri, spec.storage), job_name=job)  # type: ignore[attr-defined]
+    store = open_store(spec.output.uri, spec.storage)  # type: ignore[attr-defined]
+    if os.environ.get(RESTART_ENV):  # embedjob.io/restart: what `embedjob run --restart` does
+        from embedjob.local.restart import discard
+
+        print(f"{discard(store)} (embedjob.io/restart: {os.environ[RESTART_ENV]})",
+              file=sys.stderr)
+    summary = run_index(spec, store, job_name=job)  # type: ignore[attr-defined]
     line = f"indexed {summary.sequences} sequences into {summary.shards} shards"
     print(line, file=sys.stderr)
     if not args.job:  # a pod: the operator reads the shard count from here

@@ -161,6 +161,8 @@ class TerminationMessage:
     sequences: int | None = None
     """A finished index step's summary: the operator takes the shard count from the pod,
     with no storage read (so a job whose output it may not read still runs)."""
+    reset_shards: list[int] = field(default_factory=list)
+    """Finished shards a finalize step found damaged and reset (to be embedded again)."""
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v not in (None, [], False)}

@@ -273,6 +273,8 @@ def dump_status(status: EmbeddingJobStatus) -> dict[str, Any]:
     """camelCase JSON; manifest entries leave defaults out (thousands of them add up)."""
     data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["manifest"] = [dump_entry(e) for e in status.manifest]
+    data["requests"] = status.requests.model_dump(mode="json", by_alias=True,  # {} until one
+                                                  exclude_none=True, exclude_defaults=True)
     return data
 
 

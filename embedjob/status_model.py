@@ -82,6 +82,26 @@ class Progress(Model):
     eta: str | None = None
 
 
+class Requests(Model):
+    """What the operator did about requests on the job (``embedjob.io/restart``,
+    ``embedjob.io/retry-failed``, damaged shards a finalize step reset): each annotation
+    value is acted on once, and what a request left to do survives an operator restart."""
+
+    restart: str | None = Field(None, description="The embedjob.io/restart value acted on last")
+    retry_failed: str | None = Field(
+        None, description="The embedjob.io/retry-failed value acted on last")
+    restarting: bool = Field(
+        False, description="A restart waits for the earlier run's pods to stop; then the "
+        "index step deletes the output's index, checkpoints and results")
+    finalize_from: int = Field(
+        0, description="Finalize attempts below this are history (a retry, or shards reset)")
+    resets: int = Field(0, description="Times a finalize step reset damaged shards")
+    attempt_base: int = Field(
+        0, description="After a restart, every step and shard starts at this attempt, so no "
+        "pod name of the new run repeats one of the earlier run")
+    last: str = Field("", description="The last request and what was done, in one line")
+
+
 class EmbeddingJobStatus(Model):
     phase: Phase = Phase.pending
     conditions: list[Condition] = Field(default_factory=list)
@@ -106,6 +126,8 @@ class EmbeddingJobStatus(Model):
         0, description="Entries left out of manifest by its cap (manifest.json has all)"
     )
     message: str = ""
+    requests: Requests = Field(
+        default_factory=Requests, description="Requests acted on (restart, retry-failed)")
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -199,6 +199,8 @@ class JobLoop:
         now = datetime.now(timezone.utc)
         plan = await _off_loop(self.decide, job, pods, dict(self.progress),
                                dict(self.beats), now)
+        if plan.forget_reads:  # a restart or a reset: what was read before is stale
+            self.forget_reads()
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -225,6 +227,12 @@ class JobLoop:
         self.cost = time.thread_time() - cpu
         metrics.RECONCILE_PASS_SECONDS.observe(self.cost)
         return plan
+
+    def forget_reads(self) -> None:
+        """Drop the index, progress and heartbeats read so far; the next pass reads anew."""
+        self.index, self.progress, self.beats = None, {}, {}
+        self.ended_read, self.done_read, self.done_seen = set(), set(), None
+        self.poller.forget(self.uid)
 
     def retained(self, raw: dict[str, Any], pods: list[PodView]
                  ) -> tuple[JobView, list[str], float | None]:

@@ -20,6 +20,14 @@ ANN_START_DONE = f"{GROUP}/start-done"
 """Sequences committed when the attempt started: did it make progress?"""
 ANN_LAST_FAILURE = f"{GROUP}/last-failure"
 FINALIZER = f"{GROUP}/finalizer"
+ANN_RESTART = f"{GROUP}/restart"
+"""Set to a new value on an EmbeddingJob: discard its output and start over (once per value)."""
+ANN_RETRY_FAILED = f"{GROUP}/retry-failed"
+"""Set to a new value on a Failed EmbeddingJob: re-run its failed shards with fresh budgets."""
+REQUEST_ANNOTATIONS = (ANN_RESTART, ANN_RETRY_FAILED)
+RESTART_ENV = "EMBEDJOB_RESTART"
+"""Set (to the request's value) on index pods after a restart: the index step first deletes
+the output's index, checkpoints and results (``embedjob run --restart``'s discard)."""
 
 ROLE_INDEX = "index"
 ROLE_WORKER = "worker"

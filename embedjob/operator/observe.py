@@ -16,7 +16,7 @@ from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.views import IndexInfo, JobView, PodView
 from embedjob.progress import ShardProgress
 from embedjob.ranges import range_set
-from embedjob.spec import EmbeddingJobSpec, Phase
+from embedjob.spec import EmbeddingJobSpec, EmbeddingJobStatus, Phase
 from embedjob.status import attempt_name
 
 
@@ -47,11 +47,18 @@ class World:
     """Quiet units of earlier passes (a cache: the pass decides the same without it)."""
     max_creates: int | None = None
     """Most pods this pass may create (None: no limit); see reconcile."""
+    floors: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    """The first attempt that counts for a unit (role, shard): ended pods below it are
+    history, e.g. after a retry-failed request or a shard a finalize step reset."""
 
     @property
     def shards(self) -> int | None:
         """The effective shard count, once the index summary is read."""
         return self.index.shards if self.index is not None else None
+
+    def first_attempt(self, role: str, shard: int) -> int:
+        """The attempt a unit starts at when it has no pod: its floor, or a restart's base."""
+        return max(self.floors.get((role, shard), 0), self.job.status.requests.attempt_base)
 
     @property
     def active_workers(self) -> int:
@@ -71,18 +78,34 @@ def observe(
     spec = job.spec
     assert spec is not None
     old = job.status
-    latest = _latest(pods)
-    stale = tuple(p.name for p in pods if latest[(p.role, p.shard)].name != p.name
-                  and p.terminated and not p.deleting)
-    limit = index.shards if index is not None else spec.shards
-    done = {s for s in range_set(old.shards_done) | _succeeded_workers(pods) if s < limit}
     entries = Entries(old, lambda s, a: attempt_name(job.name, ROLE_WORKER, s, a))
+    floors = _floors(old, entries)
+    base = old.requests.attempt_base
+    counted = [p for p in pods if p.active or p.attempt >= floors.get((p.role, p.shard), base)]
+    latest = _latest(counted)
+    stale = tuple(p.name for p in pods if p.terminated and not p.deleting
+                  and getattr(latest.get((p.role, p.shard)), "name", None) != p.name)
+    limit = index.shards if index is not None else spec.shards
+    done = {s for s in range_set(old.shards_done) | _succeeded_workers(counted) if s < limit}
     return World(
         job=job, spec=spec, settings=settings, now=now, pods=tuple(pods), latest=latest,
         stale=stale, done=frozenset(done), failed=frozenset(range_set(old.shards_failed) - done),
         entries=entries, progress=progress, index=index,
         indexed=_indexed(old.phase, pods, bool(done), entries), beats=beats or {},
+        floors=floors,
     )
+
+
+def _floors(old: EmbeddingJobStatus, entries: Entries) -> dict[tuple[str, int], int]:
+    """A shard's recorded attempt, the finalize step's from status.requests, and a
+    restart's base for all: a request that re-runs a unit moves its floor past the attempts
+    it discards. Read from the entries' attempts, never building the summarised entries."""
+    base = old.requests.attempt_base
+    floors = {(role, -1): base for role in (ROLE_INDEX, ROLE_FINALIZE)}
+    floors |= {(ROLE_WORKER, s): max(a, base) for s, a in entries.attempt_of.items()}
+    floors |= {(ROLE_WORKER, s): max(e.attempt, base) for s, e in entries.full.items() if s >= 0}
+    floors[(ROLE_FINALIZE, -1)] = max(old.requests.finalize_from, base)
+    return floors
 
 
 def _succeeded_workers(pods: list[PodView]) -> set[int]:

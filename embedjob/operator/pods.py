@@ -18,6 +18,7 @@ from embedjob.operator.names import (
     LABEL_JOB_UID,
     LABEL_ROLE,
     LABEL_SHARD,
+    RESTART_ENV,
     ROLE_FINALIZE,
     ROLE_INDEX,
     ROLE_WORKER,
@@ -92,6 +93,9 @@ def build_pod(
         _scheduling(pod_spec, defaults.model_dump(by_alias=True), template, role, history)
     else:
         _step_scheduling(pod_spec, settings, template, history)
+    restart = job.status.requests.restart
+    if role == ROLE_INDEX and restart:  # embedjob.io/restart: the index step discards first
+        pod_spec["containers"][0]["env"].append({"name": RESTART_ENV, "value": restart})
     metadata = _metadata(job, role, shard, attempt, template)
     metadata["annotations"] |= _annotations(history, start_done, last_failure)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

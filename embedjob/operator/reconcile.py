@@ -23,6 +23,8 @@ from embedjob.operator.heartbeats import Observed
 from embedjob.operator.incremental import UnitMemo
 from embedjob.operator.names import ROLE_FINALIZE, ROLE_INDEX, ROLE_WORKER
 from embedjob.operator.observe import World, observe
+from embedjob.operator.requests import WAIT_SECONDS, Taken, epoch
+from embedjob.operator.requests import take as take_requests
 from embedjob.operator.steps import Event, Unit, step
 from embedjob.operator.views import IndexInfo, IndexUnreadable, JobView, PodView
 from embedjob.operator.waits import Verdict, judge
@@ -57,6 +59,7 @@ class Plan:
     status_urgent: bool = False  # a transition: patch now, not at the bounded rate
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    forget_reads: bool = False  # a restart or reset: what the shell read is stale
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ def reconcile(
     starts (replacements of lost pods excepted), shards already started first: the status
     then tells only what was created, and ``requeue_after`` 0 asks for the next chunk.
     """
+    taken = take_requests(job, pods, progress, now)  # restart, retry-failed, reset shards
+    if taken.hold or (taken.changed and taken.job.status.phase in TERMINAL):
+        return _requested(taken)
+    job = taken.job
     old = job.status
     if old.phase in TERMINAL and old.observed_generation == job.generation:
         return Plan()
@@ -109,12 +116,26 @@ def reconcile(
                         max_creates=max_creates)
         if memo is not None:
             memo.start((job.uid, job.name, job.namespace, job.generation, job.spec, settings,
-                        info, job.status.phase == Phase.suspended))
+                        info, job.status.phase == Phase.suspended, job.status.requests))
         verdict = judge(world, index.message if isinstance(index, IndexUnreadable) else None)
         decided = _past_deadline(world, _decide(world), verdict)
     except ConfigError as err:  # e.g. an unusable spec.template
         return _invalid(job, str(err), now)
-    return _plan(world, decided, verdict)
+    plan = _plan(world, decided, verdict)
+    if not taken.changed:
+        return plan
+    return replace(plan, events=[*taken.events, *plan.events], status_urgent=True,
+                   pods_to_delete=[*taken.stop, *plan.pods_to_delete],
+                   forget_reads=taken.forget_reads)
+
+
+def _requested(taken: Taken) -> Plan:
+    """Only what the requests decided: a restart waiting for pods, or a request ignored
+    on a finished job."""
+    return Plan(pods_to_delete=list(taken.stop), status=dump_status(taken.job.status),
+                status_urgent=True, events=list(taken.events),
+                requeue_after=WAIT_SECONDS if taken.hold else None,
+                forget_reads=taken.forget_reads)
 
 
 # --- decide: one function per step -------------------------------------------------------
@@ -127,7 +148,9 @@ def _decide(w: World) -> Decided:
         return _index(w)
     if w.shards is None and not w.failed:
         # The index pod has finished; its summary (the shard count) is not read yet.
-        return Decided(Phase.running, w.done, w.failed, requeue=1.0)
+        # Started shards keep their entries (a request may have set their next attempt).
+        kept = tuple(e for s, e in w.entries.items() if s >= 0)
+        return Decided(Phase.running, w.done, w.failed, entries=kept, requeue=1.0)
     if w.shards is not None and len(w.done) < w.shards and not w.failed:
         return _shards(w, w.shards)
     if w.failed:
@@ -250,7 +273,7 @@ def _plan(w: World, d: Decided, verdict: Verdict) -> Plan:
         entries=d.entries, progress=_progress(w, count, d.done), generation=job.generation,
         unschedulable=tuple(u.unschedulable for u in d.units if u.unschedulable),
     )
-    status = job_status(outline, old, w.now)
+    status = job_status(outline, old, w.now).model_copy(update={"requests": old.requests})
     failed = {"Failed": ("True", d.reason, message)} if d.reason else {}
     status = status.model_copy(update={"conditions": set_conditions(
         status.conditions, w.now, {**verdict.conditions, **failed})})
@@ -259,7 +282,7 @@ def _plan(w: World, d: Decided, verdict: Verdict) -> Plan:
         kind = "Warning" if status.phase == Phase.failed else "Normal"
         events.append(Event(kind, status.phase.value,
                             (status.message or f"phase {status.phase.value}")[:1000],
-                            f"phase/{status.phase.value}/{job.generation}"))
+                            f"phase/{status.phase.value}/{job.generation}/{epoch(old.requests)}"))
     return Plan(
         pods_to_create=[m for u in d.units for m in u.create],
         pods_to_delete=[*w.stale, *(n for u in d.units for n in u.delete), *d.stop],

@@ -79,7 +79,11 @@ def step(w: World, role: str, shard: int, slots: int, resuming: bool) -> Unit:
 def _without_pod(w: World, role: str, shard: int, prog: ShardProgress | None,
                  entry: ShardEntry | None, slots: int, resuming: bool) -> Unit:
     if entry is None or entry.pod is None:
-        return _start(w, role, shard, 0, ShardHistory(attempts=1), prog, None, slots, entry)
+        # A floor above 0 (a request re-runs the unit) starts it there, with what it learnt.
+        first = w.first_attempt(role, shard)
+        history = history_from_entry(entry) if entry is not None and first else ShardHistory(
+            attempts=first + 1)
+        return _start(w, role, shard, first, history, prog, None, slots, entry)
     history = history_from_entry(entry)
     if resuming:
         return _start(w, role, shard, entry.attempt + 1, history, prog, None, slots, entry)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from embedjob.operator.names import (  # noqa: F401 (re-exported: older imports 
     LABEL_JOB_UID,
     LABEL_ROLE,
     LABEL_SHARD,
+    REQUEST_ANNOTATIONS,
     ROLE_FINALIZE,
     ROLE_INDEX,
     ROLE_WORKER,
@@ -41,6 +42,8 @@ class JobView:
     spec_error: str | None
     status: EmbeddingJobStatus
     created: datetime | None = None
+    requests: Mapping[str, str] = field(default_factory=dict)
+    """The job's request annotations (embedjob.io/restart, embedjob.io/retry-failed)."""
 
 
 def job_view(body: Mapping[str, Any]) -> JobView:
@@ -60,6 +63,8 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         spec_error=error,
         status=status_view(body.get("status")),
         created=parse_time(meta.get("creationTimestamp")),
+        requests={k: str(v) for k, v in (meta.get("annotations") or {}).items()
+                  if k in REQUEST_ANNOTATIONS and v},
     )
 
 

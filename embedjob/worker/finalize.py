@@ -56,7 +56,8 @@ def shard_manifests(store: Store, shards: int) -> list[dict[str, Any]]:
         reset_shards(store, [k for k, _ in damaged])
         log("shards.damaged", shards=[k for k, _ in damaged], first=damaged[0][1])
         raise DamagedOutput(f"{len(damaged)} finished shards are damaged ({damaged[0][1]}); "
-                            f"they were reset: {RERUN.replace(' it', ' them')}")
+                            f"they were reset: {RERUN.replace(' it', ' them')}",
+                            reset_shards=[k for k, _ in damaged])  # the operator re-runs them
     return records
 
 
