@@ -55,6 +55,8 @@ PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
 READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embedjob-index")
 """Index summaries (one GET per job); heartbeats and progress go through the poller."""
+INDEX_RETRY_SECONDS = 10.0
+"""How often an unreadable index summary is read again (reconcile says why it waits)."""
 ENDED_READ_SECONDS = 10.0
 """How long a pass waits for the progress of attempts that just ended (read first)."""
 PASS_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedjob-reconcile")
@@ -160,6 +162,7 @@ class JobLoop:
         self.poller = poller.shared(settings, lambda: Stores(settings, kube.read_secret_data))
         self.removed: set[str] = set()  # recorded pods this process deleted (retention)
         self.done_read: set[int] = set()  # done shards whose final progress was asked for
+        self.index_read_at = 0.0
         self.done_seen: str | None = None  # shardsDone when done_read was last brought up
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
@@ -349,11 +352,12 @@ class JobLoop:
         """The index summary once the index step has finished: from the index pod's
         termination message, else one GET (with the job's identity), then cached; an
         unreadable one is read again next pass, and reconcile says why it waits."""
-        if isinstance(self.index, IndexInfo):
+        if isinstance(self.index, IndexInfo) or not past_index(job, pods):
             return
-        if not past_index(job, pods):
-            return
+        if self.index is not None and time.monotonic() - self.index_read_at < INDEX_RETRY_SECONDS:
+            return  # unreadable a moment ago: not one GET per pass while it stays so
         assert job.spec is not None
+        self.index_read_at = time.monotonic()
         self.index = next((i for p in pods if p.role == ROLE_INDEX and p.phase == "Succeeded"
                            and (i := index_info(p.termination_message or "")) is not None), None)
         if self.index is not None:
@@ -362,10 +366,12 @@ class JobLoop:
         loop = asyncio.get_running_loop()
         read = await loop.run_in_executor(READ_POOL, _read_index, self.poller.stores, self.uid,
                                           where)
-        if isinstance(read, StorageRefused):
+        if isinstance(read, StorageRefused):  # and the index pod did not say it either
             await self.not_read(job, read.message)
-        else:
-            self.index = read
+            why = read.message.split(" — ")[0]  # the Event above has the rest
+            read = IndexUnreadable(f"cannot read the index summary: the index pod reported "
+                                   f"none, and {why}")
+        self.index = read
 
     async def read_storage(self, job: JobView, pods: list[PodView]) -> None:
         """Hand the running shards to the poller, wait (briefly) for the progress of

@@ -98,6 +98,7 @@ class Kubelet:
         self.done: set[str] = set()  # terminal status written
         self.oom: set[str] = set()
         self.held: set[str] = set()
+        self.mute: set[str] = set()  # pods whose termination message is lost
         self.marked: set[str] = set()  # Unschedulable condition written
         self.waiting: dict[str, tuple[str, str]] = {}  # state.waiting written (reason, message)
         self.pulls: dict[str, tuple[int, float]] = {}  # failed pulls, when to try again
@@ -358,7 +359,7 @@ class Kubelet:
         exit_code = 128 - code if code < 0 else code
         reason = "OOMKilled" if key in self.oom else ("Completed" if exit_code == 0 else "Error")
         message = run.termination.read_text(errors="replace")[:MESSAGE_LIMIT] \
-            if run.termination.exists() else ""
+            if run.termination.exists() and key not in self.mute else ""
         container = pod["spec"]["containers"][0]
         if not message and exit_code and container.get(
                 "terminationMessagePolicy") == "FallbackToLogsOnError":
@@ -422,6 +423,12 @@ class Kubelet:
         """Leave pod ``name`` (created now or later) unschedulable until :meth:`release`."""
         with self._lock:
             self.held.add(f"{namespace}/{name}")
+
+    def lose_message(self, name: str, namespace: str) -> None:
+        """Report pod ``name`` (created now or later) without its termination message, as
+        when the runtime lost the file (a node restart between the exit and the report)."""
+        with self._lock:
+            self.mute.add(f"{namespace}/{name}")
 
     def release(self, name: str, namespace: str) -> None:
         with self._lock:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from kubelet import Kubelet
 from operatorkit import (
-    AWS_ENV,
     Jobs,
     condition,
     job_spec,
@@ -90,31 +89,32 @@ def test_pods_that_cannot_start_say_why_once_then_fail(jobs: Jobs, kubelet: Kube
 
 
 def test_unreadable_index_and_unschedulable_workers_say_why_once_then_fail(
-        jobs: Jobs, kubelet: Kubelet, s3_bucket, s3_proxied, tmp_path) -> None:
-    """The index step runs with the job's credentials and writes its summary, but the
-    operator's own identity may not read it (the proxy denies that access key: 403);
+        jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path) -> None:
+    """The index step writes its summary, but its pod's termination message (where the
+    operator takes the shard count from) is lost, and the operator may not read the job's
+    output itself (no credentials Secret: security.operatorStorageIdentity jobSecretOnly);
     another job's four workers fit no node."""
-    jobs.core.create_namespaced_secret(jobs.namespace, {
-        "metadata": {"name": "worker-keys"},
-        "stringData": {"AWS_ACCESS_KEY_ID": "worker", "AWS_SECRET_ACCESS_KEY": "testing"}})
-    operator_key = f"Credential={AWS_ENV['AWS_ACCESS_KEY_ID']}/"
-    s3_proxied.proxy.force("403", times=10**6, method="GET", contains="index/summary.json",
-                           header=operator_key)
     uri = upload_fasta(s3_bucket, tmp_path, 12)
-    jobs.create("noindex", job_spec(s3_proxied, uri, "noindex/",
-                                    storage={"credentialsSecret": "worker-keys"}))
+    kubelet.lose_message("noindex-index-0", jobs.namespace)
+    ambient = job_spec(s3_bucket, uri, "noindex/", template={"env": [  # as IRSA would
+        {"name": "AWS_ACCESS_KEY_ID", "value": "ambient"},
+        {"name": "AWS_SECRET_ACCESS_KEY", "value": "ambient"}]})
+    del ambient["storage"]["credentialsSecret"]
+    jobs.create("noindex", ambient)
     for shard in range(4):
         kubelet.hold(f"crowd-{shard}-0", jobs.namespace)
     jobs.create("crowd", job_spec(s3_bucket, uri, "crowd/", shards=4))
 
     job = failed_with(jobs, "noindex", "IndexUnreadable")
-    summary = f"s3://{s3_bucket.bucket}/noindex/index/summary.json"
-    assert job["status"]["message"].startswith(f"cannot read {summary}: ")
-    assert "AccessDenied" in job["status"]["message"]
+    out = f"s3://{s3_bucket.bucket}/noindex/"
+    assert job["status"]["message"].startswith(
+        f"cannot read the index summary: the index pod reported none, and the operator does "
+        f"not read {out}: the job names no spec.storage.credentialsSecret")
     assert "for 10s after the index step finished" in job["status"]["message"]
     cond = condition(job, "IndexUnreadable")
-    assert cond["status"] == "True" and cond["message"].startswith(f"cannot read {summary}")
+    assert cond["status"] == "True" and cond["message"].startswith("cannot read the index")
     assert len(warnings(jobs, "noindex", "IndexUnreadable")) == 1
+    assert len(warnings(jobs, "noindex", "StorageNotRead")) == 1
     assert jobs.pod("noindex-index-0")["status"]["phase"] == "Succeeded"  # the summary exists
 
     job = failed_with(jobs, "crowd", "Unschedulable")
