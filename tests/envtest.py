@@ -123,6 +123,8 @@ class ControlPlane:
     folder: Path
     port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    apiserver_args: list[str] = field(default_factory=list)
+    """Extra kube-apiserver flags (the scale bench turns on an audit log)."""
 
     @property
     def server(self) -> str:
@@ -179,7 +181,7 @@ class ControlPlane:
             "--service-account-key-file", str(f / "sa.pub"),
             "--service-account-signing-key-file", str(f / "sa.key"),
             "--service-cluster-ip-range", "10.0.0.0/24", "--endpoint-reconciler-type", "none",
-            "--enable-admission-plugins", ADMISSION_PLUGINS])
+            "--enable-admission-plugins", ADMISSION_PLUGINS, *self.apiserver_args])
         self._wait_ready(timeout)
         if (self.assets / "kube-controller-manager").exists():
             self._spawn("kube-controller-manager", [
