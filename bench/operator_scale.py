@@ -274,6 +274,8 @@ class Bench:
         r.kubelet_requests = dict(self.kubelet.requests)
         r.plane_cpu = {name: proc_usage(proc.pid)[0]
                        for name, proc in self.plane.processes.items()}
+        if self.moto.proc is not None:
+            r.plane_cpu["moto"] = proc_usage(self.moto.proc.pid)[0]
         r.plane_cpu["bench (kubelet, probes)"] = (
             sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - self.own_cpu)
         r.errors = self.kubelet.errors[:5]
