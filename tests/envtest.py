@@ -128,6 +128,8 @@ class ControlPlane:
     """Extra kube-apiserver flags (e.g. no watch cache, so etcd compaction reaches watches)."""
     controllers: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    apiserver_args: list[str] = field(default_factory=list)
+    """Extra kube-apiserver flags (the scale bench turns on an audit log)."""
 
     @property
     def server(self) -> str:
