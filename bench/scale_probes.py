@@ -97,12 +97,12 @@ def histogram_max_bound(samples: dict[str, list[tuple[dict[str, str], float]]],
 def loop_lag(samples: dict[str, list[tuple[dict[str, str], float]]]) -> str | None:
     """The operator's own loop-lag metric, if it has one: a gauge's max, or a histogram's
     bound on the max (the name is the loop helper's; absent before that work lands)."""
+    for name in ("embedjob_event_loop_lag_max_seconds", f"{LOOP_LAG_METRIC}_max"):  # exact
+        if name in samples:
+            return f"{max(v for _, v in samples[name]) * 1000:.0f} ms"
     if f"{LOOP_LAG_METRIC}_bucket" in samples:
         bound = histogram_max_bound(samples, LOOP_LAG_METRIC)
         return None if bound is None else f"<= {bound * 1000:.0f} ms (histogram bound)"
-    for name in (f"{LOOP_LAG_METRIC}_max", LOOP_LAG_METRIC):
-        if name in samples:
-            return f"{max(v for _, v in samples[name]) * 1000:.0f} ms"
     return None
 
 

@@ -10,7 +10,7 @@ import contextlib
 import io
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -49,7 +49,8 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _clients: dict[tuple[str | None, ...], Any] = {}
-_clients_lock = threading.Lock()
+_clients_lock = threading.RLock()  # _make_client runs under it too
+_session: Any = None
 
 
 def s3_client(storage: StorageSpec | None = None) -> Any:
@@ -76,10 +77,10 @@ def s3_client(storage: StorageSpec | None = None) -> Any:
         return client
 
 
-def _make_client(storage: StorageSpec, session: Any = None) -> Any:
-    """A client with the standard configuration; ``session`` (a boto3 Session with explicit
-    credentials) instead of the environment's, for the operator's job-scoped reads."""
-    import boto3
+def _make_client(storage: StorageSpec, credentials: Mapping[str, str | None] | None = None
+                 ) -> Any:
+    """A client with the standard configuration; ``credentials`` (aws_access_key_id, …)
+    instead of the environment's, for the operator's job-scoped reads."""
     from botocore.config import Config
 
     config = Config(
@@ -95,10 +96,28 @@ def _make_client(storage: StorageSpec, session: Any = None) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = session or boto3.session.Session()
-    return session.client(
-        "s3", endpoint_url=storage.endpoint_url, region_name=storage.region, config=config
-    )
+    if credentials is None:  # the environment's chain (keys, profile, IRSA): its own Session
+        import boto3
+
+        session = boto3.session.Session()
+    else:
+        session = _shared_session()
+    with _clients_lock:  # a Session is not thread-safe; its clients are
+        return session.client("s3", endpoint_url=storage.endpoint_url,
+                              region_name=storage.region, config=config, **(credentials or {}))
+
+
+def _shared_session() -> Any:
+    """One boto3 Session for clients with explicit credentials: its loader parses the S3
+    service model once (a Session per client re-parses it — the operator opens one client
+    per job and again every few minutes, and would keep and garbage-collect each copy).
+    Credentials given per client never touch the shared session."""
+    global _session
+    if _session is None:
+        import boto3
+
+        _session = boto3.session.Session()
+    return _session
 
 
 def _transfer_config() -> Any:

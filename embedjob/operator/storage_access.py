@@ -102,13 +102,9 @@ def _secret_store(where: JobStorage, read_secret: SecretReader) -> Store:
         raise StorageRefused(f"Secret {where.namespace}/{where.secret} has no "
                              f"{AWS_KEYS[0]} and {AWS_KEYS[1]}: the operator reads nothing of "
                              f"{where.uri}")
-    import boto3  # only when an S3 store is opened, as embedjob.store does
-
-    session = boto3.session.Session(aws_access_key_id=keys[AWS_KEYS[0]],
-                                    aws_secret_access_key=keys[AWS_KEYS[1]],
-                                    aws_session_token=keys.get(AWS_KEYS[2]) or None,
-                                    region_name=where.storage.region)
-    client = make_client(where.storage, session)
+    client = make_client(where.storage, {
+        "aws_access_key_id": keys[AWS_KEYS[0]], "aws_secret_access_key": keys[AWS_KEYS[1]],
+        "aws_session_token": keys.get(AWS_KEYS[2]) or None})
     bucket, prefix = split_s3_uri(where.uri)
     return JobS3Store(bucket, prefix, where.storage, client)
 
