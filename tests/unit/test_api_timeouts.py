@@ -86,15 +86,25 @@ def test_a_silent_server_is_a_read_timeout_named_as_such() -> None:
     assert "HTTPConnectionPool" not in text
 
 
-def test_every_call_carries_a_request_timeout() -> None:
-    seen: list[object] = []
+def test_every_call_carries_a_request_timeout_and_drains_the_answer() -> None:
+    seen: list[tuple[object, object]] = []
+    released: list[str] = []
 
-    def api_method(*args: object, _request_timeout: object = None) -> str:
-        seen.append(_request_timeout)
-        return "ok"
+    class Answer:  # urllib3's response, as the client returns it without preloading
+        def drain_conn(self) -> None:
+            released.append("drained")
 
-    assert asyncio.run(kube._call(api_method, "ns")) == "ok"
-    assert seen == [(kube.CONNECT_TIMEOUT_SECONDS, kube.READ_TIMEOUT_SECONDS)]
+        def release_conn(self) -> None:
+            released.append("released")
+
+    def api_method(*args: object, _request_timeout: object = None,
+                   _preload_content: object = True) -> Answer:
+        seen.append((_request_timeout, _preload_content))
+        return Answer()
+
+    assert asyncio.run(kube._call(api_method, "ns")) is None
+    assert seen == [((kube.CONNECT_TIMEOUT_SECONDS, kube.READ_TIMEOUT_SECONDS), False)]
+    assert released == ["drained", "released"]  # the connection goes back to the pool
 
 
 def test_kopf_requests_get_the_same_limits() -> None:
