@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -287,30 +288,16 @@ class JobLoop:
 
     async def apply(self, job: JobView, plan: Plan) -> str | None:
         """Carry out the plan; the first permanent refusal of a pod create, if any."""
+        errors = await self.create_pods(job, plan.pods_to_create)
+        refusals = [str(e) for e in errors if isinstance(e, kube.PodRefused)]
+        if len(errors) > len(refusals):
+            raise next(e for e in errors if not isinstance(e, kube.PodRefused))
         limit = asyncio.Semaphore(API_CONCURRENCY)
-
-        async def create(manifest: dict[str, Any]) -> None:
-            async with limit:
-                created = await kube.create_pod(job.namespace, manifest)
-            name = manifest["metadata"]["name"]
-            view = pod_view(manifest)
-            if view is not None:
-                self.expected[name] = (time.monotonic(), view)
-            if created:
-                role = manifest["metadata"]["labels"].get("embedjob.io/role", "?")
-                metrics.PODS_CREATED.labels(role=role).inc()
-                log.info(json.dumps({"job": job.name, "event": "pod_created", "pod": name}))
 
         async def delete(name: str) -> None:
             async with limit:
                 await kube.delete_pod(job.namespace, name)
 
-        results = await asyncio.gather(*(create(m) for m in plan.pods_to_create),
-                                       return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        refusals = [str(e) for e in errors if isinstance(e, kube.PodRefused)]
-        if len(errors) > len(refusals):
-            raise next(e for e in errors if not isinstance(e, kube.PodRefused))
         await asyncio.gather(*(delete(n) for n in plan.pods_to_delete))
         for event in plan.events:
             if event.key in self.posted:
@@ -335,6 +322,36 @@ class JobLoop:
         ):
             await self.flush(job)
         return refusals[0] if refusals else None
+
+    async def create_pods(self, job: JobView, manifests: list[dict[str, Any]]
+                          ) -> list[BaseException]:
+        """Create pods, API_CONCURRENCY at a time, and expect them until the watch shows them;
+        one log line per batch (10^4 lines would cost the event loop more than the creates).
+        Returns the errors."""
+        if not manifests:
+            return []
+        views = await _off_loop(lambda: [pod_view(m) for m in manifests])
+        limit = asyncio.Semaphore(API_CONCURRENCY)
+
+        async def create(manifest: dict[str, Any]) -> bool:
+            async with limit:
+                return await kube.create_pod(job.namespace, manifest)
+
+        results = await asyncio.gather(*map(create, manifests), return_exceptions=True)
+        now, created = time.monotonic(), Counter[str]()
+        names = [m["metadata"]["name"] for m, r in zip(manifests, results, strict=True)
+                 if r is True]
+        for view, result in zip(views, results, strict=True):
+            if view is not None and not isinstance(result, BaseException):
+                self.expected[view.name] = (now, view)
+                created[view.role] += result is True
+        for role, count in created.items():
+            metrics.PODS_CREATED.labels(role=role).inc(count)
+        if names:
+            shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
+            log.info(json.dumps({"job": job.name, "event": "pods_created", "count": len(names),
+                                 "pods": shown}))
+        return [r for r in results if isinstance(r, BaseException)]
 
     async def flush(self, job: JobView) -> None:
         new = self.pending_status
