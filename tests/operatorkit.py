@@ -175,6 +175,14 @@ class Jobs:
         return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace,
                                                         PLURAL, name)
 
+    def gone(self, name: str) -> bool:
+        """The job no longer exists (deleted, and its finalizer released)."""
+        try:
+            self.get(name)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
     def delete(self, name: str, propagation: str = "Background") -> None:
         self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace,
                                                     PLURAL, name,

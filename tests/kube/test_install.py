@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
 from envtest import ControlPlane, start_control_plane
 from kubernetes import client
+from operatorkit import REPO
 
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import build_pod

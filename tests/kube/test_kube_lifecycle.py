@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from kubelet import Kubelet
-from kubernetes.client.exceptions import ApiException
 from operatorkit import (
     Jobs,
     assert_output,
@@ -28,14 +27,6 @@ pytestmark = pytest.mark.timeout(300)
 def jobs(control_plane, admin_api, crd_installed, kubelet, tmp_path_factory) -> Iterator[Jobs]:
     yield from module_jobs(control_plane, admin_api, tmp_path_factory.mktemp("operator"),
                            {"unschedulableAfterSeconds": 1})
-
-
-def gone(jobs: Jobs, name: str) -> bool:
-    try:
-        jobs.get(name)
-    except ApiException as err:
-        return err.status == 404
-    return False
 
 
 def test_invalid_spec_fails_with_condition_and_no_pods(jobs: Jobs, s3_bucket) -> None:
@@ -63,7 +54,7 @@ def test_deleting_a_running_job_removes_its_pods(jobs: Jobs, kubelet: Kubelet, s
     finalizers = jobs.get(name)["metadata"].get("finalizers") or []
     assert f"{API_GROUP}/finalizer" in finalizers
     jobs.delete(name, propagation=propagation)
-    wait_for(lambda: gone(jobs, name), timeout=120)
+    wait_for(lambda: jobs.gone(name), timeout=120)
     wait_for(lambda: jobs.pods(name) == [], timeout=120)
     run = kubelet.started(worker, jobs.namespace)
     assert run is not None and run.proc.poll() is not None  # stopped, not left running

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from kubelet import Kubelet
-from kubernetes.client.exceptions import ApiException
 from operatorkit import (
     Jobs,
     assert_output,
@@ -76,18 +75,10 @@ def test_happy_path_two_shards(jobs: Jobs, kubelet: Kubelet, s3_bucket, tmp_path
         assert run is not None and run.proc.returncode == 0
         assert kubelet.started(f"happy-{shard}-1", jobs.namespace) is None  # never rerun
     assert_output(s3_bucket, "happy/", tmp_path / "in.fa", tmp_path)
-    wait_for(lambda: gone(jobs, "happy"), timeout=60)  # the TTL, then its pods by GC
+    wait_for(lambda: jobs.gone("happy"), timeout=60)  # the TTL, then its pods by GC
     wait_for(lambda: jobs.pods("happy") == [], timeout=60)
     reasons = jobs.reasons("happy")
     assert {"Indexing", "Running", "Merging"} <= set(reasons) and reasons.count("Succeeded") == 1
-
-
-def gone(jobs: Jobs, name: str) -> bool:
-    try:
-        jobs.get(name)
-    except ApiException as err:
-        return err.status == 404
-    return False
 
 
 def preempted_and_resumed(jobs: Jobs, kubelet: Kubelet, s3, tmp: Path, name: str,

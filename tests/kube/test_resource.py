@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
 from envtest import ControlPlane
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from operatorkit import REPO
 
 from embedjob.crd import CRD_PATHS
 from embedjob.failures import ConfigError
