@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 from envtest import ControlPlane
-from kubernetes import client
+from kubernetes import client, watch
 
 import embedjob
 from embedjob import layout
@@ -159,6 +160,38 @@ class Jobs:
     def __post_init__(self) -> None:
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        # The operator deletes worker pods once their shard is recorded: what ran is read
+        # from this record of every pod as last seen (a `kubectl get pods -w`).
+        self.seen: dict[str, dict[str, Any]] = {}
+        threading.Thread(target=self._record, daemon=True, name=f"pods-{self.namespace}").start()
+
+    def _record(self) -> None:
+        failures = 0
+        while failures < 20:  # the control plane is gone: stop
+            try:
+                raw = self.core.list_namespaced_pod(self.namespace, _preload_content=False).data
+                listed = json.loads(raw)
+                for pod in listed["items"]:
+                    self.seen[pod["metadata"]["name"]] = pod
+                for event in watch.Watch().stream(
+                        self.core.list_namespaced_pod, self.namespace, timeout_seconds=60,
+                        resource_version=listed["metadata"]["resourceVersion"]):
+                    pod = event["raw_object"]
+                    self.seen[pod["metadata"]["name"]] = pod
+                failures = 0
+            except Exception:  # a 410, the control plane away for a moment: list again
+                failures += 1
+                time.sleep(0.5)
+
+    def recorded(self, name: str) -> dict[str, Any]:
+        """Pod ``name`` as last seen, deleted or not."""
+        wait_for(lambda: name in self.seen, timeout=10)
+        return self.seen[name]
+
+    def ran(self, job: str) -> list[str]:
+        """Every pod of ``job`` ever seen, deleted or not."""
+        return sorted(n for n, p in self.seen.items()
+                      if (p["metadata"].get("labels") or {}).get("embedjob.io/job") == job)
 
     def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "EmbeddingJob",

@@ -42,11 +42,11 @@ def reasons(jobs: Jobs, job: str) -> dict[str, list[str]]:
 
 
 def started_done(jobs: Jobs, pod: str) -> int:
-    return int(jobs.pod(pod)["metadata"]["annotations"].get("embedjob.io/start-done", 0))
+    return int(jobs.recorded(pod)["metadata"]["annotations"].get("embedjob.io/start-done", 0))
 
 
 def env_of(jobs: Jobs, pod: str) -> dict[str, str]:
-    container = jobs.pod(pod)["spec"]["containers"][0]
+    container = jobs.recorded(pod)["spec"]["containers"][0]
     return {e["name"]: e.get("value", "") for e in container.get("env", [])}
 
 
@@ -59,8 +59,8 @@ def test_two_shards_succeed_with_verified_output(jobs: Jobs, s3, tmp_path) -> No
     job = jobs.wait_phase("ok", "Succeeded", timeout=480)
     assert job["status"]["shardsReady"] == "2/2"
     assert_output(s3, "ok/", fasta, tmp_path)
-    for name in ("ok-0-0", "ok-1-0"):
-        pod = jobs.pod(name)
+    for name in ("ok-0-0", "ok-1-0"):  # deleted once recorded: as last seen
+        pod = jobs.recorded(name)
         assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
         assert pod["spec"]["containers"][0]["image"] == WORKER_IMAGE
 
@@ -122,7 +122,7 @@ def test_eviction_mid_shard_resumes_from_the_last_part(jobs: Jobs, s3, tmp_path)
     client.CoreV1Api(jobs.api).create_namespaced_pod_eviction("ev-0-0", jobs.namespace, {
         "apiVersion": "policy/v1", "kind": "Eviction",
         "metadata": {"name": "ev-0-0", "namespace": jobs.namespace}})
-    wait_for(lambda: "ev-0-1" in jobs.pod_names("ev"), timeout=120)
+    wait_for(lambda: "ev-0-1" in jobs.ran("ev"), timeout=120)
     # The real kubelet sent SIGTERM; the worker saved its batch and left: the new attempt
     # starts from everything the old one had embedded.
     job = jobs.wait_phase("ev", "Succeeded", timeout=300)
@@ -171,7 +171,7 @@ def test_operator_restarted_mid_job_duplicates_nothing(jobs: Jobs, s3, tmp_path)
     jobs.operator.stop(signal.SIGKILL)
     jobs.operator.start()
     jobs.wait_phase("rs", "Succeeded", timeout=400)
-    assert jobs.pod_names("rs") == ["rs-0-0", "rs-1-0", "rs-finalize-0", "rs-index-0"]
+    assert jobs.ran("rs") == ["rs-0-0", "rs-1-0", "rs-finalize-0", "rs-index-0"]
     assert_output(s3, "rs/", fasta, tmp_path)
 
 

@@ -41,7 +41,7 @@ def test_slow_but_beating_worker_stays_and_a_silent_one_is_replaced(
     stuck = [e for e in jobs.events("lv") if e["reason"] == "RetryStuck"]
     assert len(stuck) == 1 and "shard 1" in stuck[0]["message"], stuck
     assert "no heartbeat" in stuck[0]["message"]
-    pods = jobs.pod_names("lv")
+    pods = jobs.ran("lv")  # worker pods are deleted once recorded
     assert "lv-1-1" in pods and "lv-0-1" not in pods
     slow_run = kubelet.started("lv-0-0", jobs.namespace)
     assert slow_run is not None and slow_run.proc.returncode == 0
