@@ -103,7 +103,7 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from embedjob.operator.main import run_operator
+    from embedjob.operator.entry import run_operator
 
     return run_operator(args.namespace or None, args.config)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from embedjob.operator.main import run_operator
+from embedjob.operator.entry import run_operator
 
 if __name__ == "__main__":
     sys.exit(run_operator(sys.argv[1:] or None, None))

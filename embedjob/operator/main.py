@@ -3,7 +3,8 @@
 One daemon per EmbeddingJob runs its loop (so reconciles of a job never overlap); pod
 changes land in our own informer (:mod:`embedjob.operator.informer`: server-side label
 selector, paginated list) keyed by the job's uid and only wake that loop.
-Start it as a module (``embedjob operator`` or ``kopf run -m embedjob.operator.main``).
+Start it with ``embedjob operator`` (:mod:`embedjob.operator.entry`); what it has read of
+each job's storage is :mod:`embedjob.operator.storage_reads`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -23,30 +23,22 @@ from typing import Any
 
 import kopf
 
-from embedjob import layout
-from embedjob.operator import kube, metrics, pacing, poller, retention
-from embedjob.operator.config import OperatorSettings, load_settings
+from embedjob.operator import kube, metrics, pacing, retention
+from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed
 from embedjob.operator.incremental import UnitMemo
 from embedjob.operator.informer import PodInformer
-from embedjob.operator.observe import ended_attempts, past_index
 from embedjob.operator.reconcile import Plan, reconcile, refused
 from embedjob.operator.steps import Event
-from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores, job_storage
+from embedjob.operator.storage_reads import StorageReads
 from embedjob.operator.views import (
-    ROLE_INDEX,
-    ROLE_WORKER,
-    IndexInfo,
-    IndexUnreadable,
     JobView,
     PodView,
     ShardProgress,
-    index_info,
     job_view,
     pod_view,
     status_view,
 )
-from embedjob.ranges import range_set
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 from embedjob.status import shard_state_counts
 
@@ -54,12 +46,6 @@ log = logging.getLogger("embedjob.operator")
 LOOPS: dict[str, JobLoop] = {}
 PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
-READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="embedjob-index")
-"""Index summaries (one GET per job); heartbeats and progress go through the poller."""
-INDEX_RETRY_SECONDS = 10.0
-"""How often an unreadable index summary is read again (reconcile says why it waits)."""
-ENDED_READ_SECONDS = 10.0
-"""How long a pass waits for the progress of attempts that just ended (read first)."""
 PASS_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedjob-reconcile")
 """Reconcile passes run here, off the event loop: one thread (the GIL would serialise more),
 so jobs' passes queue instead of contending, and the pure code's caches see one caller."""
@@ -143,7 +129,7 @@ async def job_daemon(
         WAKE_KEYS.pop(uid, None)
         PHASES.pop(uid, None)
         SHARD_STATES.pop(uid, None)
-        loop.poller.forget(uid)
+        loop.reads.close()
 
 
 # --- the per-job loop (the imperative shell around reconcile) -----------------------------
@@ -156,15 +142,8 @@ class JobLoop:
         self.posted: set[str] = set()
         self.patched: dict[str, Any] | None = None
         self.patched_at = 0.0
-        self.progress: dict[int, ShardProgress] = {}
-        self.beats: dict[int, Observed] = {}
-        self.index: IndexInfo | IndexUnreadable | None = None
-        self.ended_read: set[str] = set()  # ended attempts whose progress was read after
-        self.poller = poller.shared(settings, lambda: Stores(settings, kube.read_secret_data))
+        self.reads = StorageReads(uid, settings)  # the index, progress and heartbeats
         self.removed: set[str] = set()  # recorded pods this process deleted (retention)
-        self.done_read: set[int] = set()  # done shards whose final progress was asked for
-        self.index_read_at = 0.0
-        self.done_seen: str | None = None  # shardsDone when done_read was last brought up
         # Pods created by this process that the watch may not have shown yet (like the
         # "expectations" of Kubernetes' own controllers): without them a lagging index
         # could make a pod look vanished and be replaced twice.
@@ -198,13 +177,13 @@ class JobLoop:
         job = await _off_loop(lambda: self.own_status(job_view(raw)))
         pods = self.with_expected(list(index.get(self.uid)))
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
-            await self.read_index(job, pods)
-            await self.read_storage(job, pods)
+            for refusal in await self.reads.refresh(job, pods, self.wake):
+                await self.not_read(job, refusal)
         now = datetime.now(timezone.utc)
-        plan = await _off_loop(self.decide, job, pods, dict(self.progress),
-                               dict(self.beats), now)
+        plan = await _off_loop(self.decide, job, pods, dict(self.reads.progress),
+                               dict(self.reads.beats), now)
         if plan.forget_reads:  # a restart or a reset: what was read before is stale
-            self.forget_reads()
+            self.reads.forget()
         refusal = await self.apply(job, plan)
         if refusal is not None:  # no retry can fix it: the job fails, saying why
             log.error(json.dumps({"job": job.name, "event": "pod_refused", "error": refusal}))
@@ -224,19 +203,13 @@ class JobLoop:
         """One pure pass, in :data:`PASS_POOL`'s thread: at most ``createChunk`` pods, the
         quiet shards' decisions reused from the memo. Its CPU time paces the next pass."""
         cpu = time.thread_time()
-        plan = reconcile(job, pods, progress, now, self.settings, self.index, beats,
+        plan = reconcile(job, pods, progress, now, self.settings, self.reads.index, beats,
                          memo=self.memo, max_creates=self.settings.create_chunk)
         if plan.status is not None:  # O(shards): counted here, off the loop
             self.counts = (plan, shard_state_counts(plan.status))
         self.cost = time.thread_time() - cpu
         metrics.RECONCILE_PASS_SECONDS.observe(self.cost)
         return plan
-
-    def forget_reads(self) -> None:
-        """Drop the index, progress and heartbeats read so far; the next pass reads anew."""
-        self.index, self.progress, self.beats = None, {}, {}
-        self.ended_read, self.done_read, self.done_seen = set(), set(), None
-        self.poller.forget(self.uid)
 
     def retained(self, raw: dict[str, Any], pods: list[PodView]
                  ) -> tuple[JobView, list[str], float | None]:
@@ -365,72 +338,6 @@ class JobLoop:
             self.patched_at = time.monotonic()
         self.patched = new
 
-    async def read_index(self, job: JobView, pods: list[PodView]) -> None:
-        """The index summary once the index step has finished: from the index pod's
-        termination message, else one GET (with the job's identity), then cached; an
-        unreadable one is read again next pass, and reconcile says why it waits."""
-        if isinstance(self.index, IndexInfo) or not past_index(job, pods):
-            return
-        if self.index is not None and time.monotonic() - self.index_read_at < INDEX_RETRY_SECONDS:
-            return  # unreadable a moment ago: not one GET per pass while it stays so
-        assert job.spec is not None
-        self.index_read_at = time.monotonic()
-        self.index = next((i for p in pods if p.role == ROLE_INDEX and p.phase == "Succeeded"
-                           and (i := index_info(p.termination_message or "")) is not None), None)
-        if self.index is not None:
-            return
-        where = job_storage(job.namespace, job.name, job.spec, self.settings)
-        loop = asyncio.get_running_loop()
-        read = await loop.run_in_executor(READ_POOL, _read_index, self.poller.stores, self.uid,
-                                          where)
-        if isinstance(read, StorageRefused):  # and the index pod did not say it either
-            await self.not_read(job, read.message)
-            why = read.message.split(" — ")[0]  # the Event above has the rest
-            read = IndexUnreadable(f"cannot read the index summary: the index pod reported "
-                                   f"none, and {why}")
-        self.index = read
-
-    async def read_storage(self, job: JobView, pods: list[PodView]) -> None:
-        """Hand the running shards to the poller, wait (briefly) for the progress of
-        attempts that just ended, and take the latest reads for this pass."""
-        assert job.spec is not None
-        wake = _waker(self.wake)
-        reads = self.poller.job(self.uid, job.name,
-                                job_storage(job.namespace, job.name, job.spec, self.settings),
-                                wake)
-        running = {p.shard: p.attempt for p in pods
-                   if p.role == ROLE_WORKER and p.phase == "Running" and not p.deleting}
-        self.poller.track(self.uid, running)
-        # The replacement must start from what an ended attempt committed, not from the
-        # last round's read: those reads go first, and this pass waits for them. A shard that
-        # succeeded is read once too, for its final count.
-        succeeded = {p.name: p.shard for p in pods
-                     if p.role == ROLE_WORKER and p.phase == "Succeeded"}
-        ended = {n: s for n, s in (ended_attempts(job, pods) | succeeded).items()
-                 if n not in self.ended_read}
-        if ended:
-            self.ended_read |= ended.keys()
-            attempts = {s: _attempt_of(n) for n, s in ended.items()}
-            futures = self.poller.ended(self.uid, attempts)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
-                                       ENDED_READ_SECONDS)
-        self.progress, self.beats = reads.snapshot()
-        self.read_done(job)
-        if reads.refused is not None:
-            await self.not_read(job, reads.refused)
-
-    def read_done(self, job: JobView) -> None:
-        """Shards recorded done before this process started have no pod left (retention
-        deletes them): their final counts are read once, in the budget, not waited for."""
-        if job.status.shards_done == self.done_seen:
-            return
-        self.done_seen = job.status.shards_done
-        missing = range_set(job.status.shards_done) - self.progress.keys() - self.done_read
-        if missing:
-            self.done_read |= missing
-            self.poller.ended(self.uid, dict.fromkeys(missing, -1))
-
     async def not_read(self, job: JobView, message: str) -> None:
         """The operator may not read this job's output: say so once (a log line and a
         Warning Event); the job runs on, its progress unknown, no stuck detection."""
@@ -442,49 +349,10 @@ class JobLoop:
         await kube.post_event(job, Event("Warning", "StorageNotRead", message[:1000], key))
 
 
-def _waker(event: asyncio.Event) -> Any:
-    """A callable for other threads that sets ``event`` on this event loop."""
-    loop = asyncio.get_running_loop()
-    return lambda: loop.call_soon_threadsafe(event.set)
-
-
 async def _off_loop(func: Any, *args: Any) -> Any:
     """Run pure, CPU-bound work (parsing a 10^4-shard status, a reconcile pass, a status
     diff) in :data:`PASS_POOL`, so the event loop keeps serving watches and /healthz."""
     return await asyncio.get_running_loop().run_in_executor(PASS_POOL, func, *args)
-
-
-def _attempt_of(pod_name: str) -> int:
-    """Worker pod names end with the attempt (``<job>-<shard>-<attempt>``)."""
-    try:
-        return int(pod_name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def _read_index(
-    stores: Stores, uid: str, where: JobStorage
-) -> IndexInfo | IndexUnreadable | StorageRefused:
-    """The summary; the refusal when the job's identity does not allow a read; else one
-    line saying what could not be read, where, and why (read again next pass)."""
-    try:
-        store = stores.get(uid, where)
-    except StorageRefused as err:
-        metrics.STORAGE_REQUESTS.labels(kind="index", outcome="refused").inc()
-        return err
-    path = f"{store.uri.rstrip('/')}/{layout.SUMMARY}"
-    try:
-        data = store.read_bytes(layout.SUMMARY)
-    except Exception as err:  # storage trouble: a condition says so; read again next pass
-        metrics.STORAGE_REQUESTS.labels(kind="index", outcome="error").inc()
-        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return IndexUnreadable(text if text.startswith("cannot ") else
-                               f"cannot read {path}: {text}")
-    metrics.STORAGE_REQUESTS.labels(kind="index", outcome="ok").inc()
-    info = index_info(data)
-    return info if info is not None else IndexUnreadable(
-        f"cannot read {path}: not an index summary (JSON with shards and sequences); "
-        "something else wrote it: use a fresh output prefix")
 
 
 def _count_decision(event: Event) -> None:
@@ -516,44 +384,3 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
         if key not in new:
             patch[key] = None
     return patch
-
-
-# --- entry point ---------------------------------------------------------------------------
-
-
-def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
-    """Run the operator until interrupted; cluster-wide unless namespaces are given."""
-    settings = load_settings(config_path)
-    _json_logs()
-    names = list(namespaces or settings.namespaces)
-    port = settings.liveness_port
-    liveness = f"http://0.0.0.0:{port}/healthz" if port else None
-    kube.connect()
-    kopf.run(
-        standalone=True,
-        clusterwide=not names,
-        namespaces=names,
-        liveness_endpoint=liveness,
-        memo=kopf.Memo(settings=settings, namespaces=names),
-    )
-    return 0
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {"time": self.formatTime(record), "level": record.levelname,
-                "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            data["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(data)
-
-
-def _json_logs() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if not sys.stderr.isatty():
-        handler.setFormatter(_JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -12,10 +12,10 @@ from operator_helpers import T0, job, ts
 
 from embedjob import layout
 from embedjob.operator.config import OperatorSettings, WaitDeadlines
-from embedjob.operator.main import _read_index
 from embedjob.operator.pods import CONTAINER, build_pod
 from embedjob.operator.reconcile import reconcile
 from embedjob.operator.storage_access import StorageRefused, Stores, job_storage
+from embedjob.operator.storage_reads import read_index_summary
 from embedjob.operator.views import IndexInfo, IndexUnreadable, PodView, pod_view
 from embedjob.operator.waits import pod_wait
 from embedjob.policy import ShardHistory
@@ -193,7 +193,7 @@ def test_the_shell_reads_the_index_or_says_why_not(tmp_path: Path) -> None:
         view.namespace, view.name, view.spec, settings)
 
     def read() -> IndexInfo | IndexUnreadable | StorageRefused:
-        return _read_index(stores, view.uid, where)
+        return read_index_summary(stores, view.uid, where)
 
     missing = read()
     assert isinstance(missing, IndexUnreadable)
