@@ -18,6 +18,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from embedjob.failures import ConfigError
 from embedjob.operator.reconcile import Event
 from embedjob.operator.views import JobView
 from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL
@@ -85,7 +86,12 @@ def connect() -> client.ApiClient:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as err:
+                raise ConfigError(
+                    f"no Kubernetes to connect to: not in a cluster, and no usable kubeconfig "
+                    f"({str(err).splitlines()[0]}); set KUBECONFIG or run in a pod") from None
         conf = client.Configuration.get_default_copy()
         conf.connection_pool_maxsize = POOL_SIZE
         _api = client.ApiClient(conf)
