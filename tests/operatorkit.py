@@ -163,21 +163,31 @@ class Jobs:
         # The operator deletes worker pods once their shard is recorded: what ran is read
         # from this record of every pod as last seen (a `kubectl get pods -w`).
         self.seen: dict[str, dict[str, Any]] = {}
-        threading.Thread(target=self._record, daemon=True, name=f"pods-{self.namespace}").start()
+        self._stop = threading.Event()
+        self._recorder = threading.Thread(target=self._record, daemon=True,
+                                          name=f"pods-{self.namespace}")
+        self._recorder.start()
+
+    def close(self) -> None:
+        """Stop the pod record (before the control plane goes: no thread outlives a test)."""
+        self._stop.set()
+        self._recorder.join(timeout=15)
 
     def _record(self) -> None:
         failures = 0
-        while failures < 20:  # the control plane is gone: stop
+        while failures < 20 and not self._stop.is_set():  # 20 failures: the plane is gone
             try:
                 raw = self.core.list_namespaced_pod(self.namespace, _preload_content=False).data
                 listed = json.loads(raw)
                 for pod in listed["items"]:
                     self.seen[pod["metadata"]["name"]] = pod
                 for event in watch.Watch().stream(
-                        self.core.list_namespaced_pod, self.namespace, timeout_seconds=60,
+                        self.core.list_namespaced_pod, self.namespace, timeout_seconds=5,
                         resource_version=listed["metadata"]["resourceVersion"]):
                     pod = event["raw_object"]
                     self.seen[pod["metadata"]["name"]] = pod
+                    if self._stop.is_set():
+                        return
                 failures = 0
             except Exception:  # a 410, the control plane away for a moment: list again
                 failures += 1
@@ -282,9 +292,11 @@ def watching(plane: Any, api: client.ApiClient, namespace: str, tmp: Path,
     """The user's Secret in ``namespace`` and the real operator watching it, stopped after."""
     prepare_namespace(api, namespace)
     operator = Operator(plane, api, namespace, tmp, settings or {}).start()
+    jobs = Jobs(api, namespace, operator)
     try:
-        yield Jobs(api, namespace, operator)
+        yield jobs
     finally:
+        jobs.close()
         operator.stop()
 
 

@@ -105,8 +105,10 @@ def jobs(cluster: Cluster, crd: None, admin_api: client.ApiClient, s3: S3,
                                    "ephemeralStorage": "100Mi"}}
     operator = Operator(cluster, admin_api, namespace, tmp_path_factory.mktemp("operator"),
                         settings).start()
+    jobs = Jobs(admin_api, namespace, operator)
     try:
-        yield Jobs(admin_api, namespace, operator)
+        yield jobs
     finally:
+        jobs.close()
         operator.stop()
         core.delete_namespace(namespace, propagation_policy="Background")
