@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from e2e_cluster import HOST_IP, KUBECONFIG_ENV, ROOT, WORKER_IMAGE, Cluster, missing_requirement
 from kubernetes import client, config
-from operatorkit import AWS_ENV, Jobs, Operator, prepare_namespace
+from operatorkit import AWS_ENV, Jobs, watching
 
 from embedjob.spec import StorageSpec
 from embedjob.store import s3_client
@@ -97,18 +97,14 @@ def jobs(cluster: Cluster, crd: None, admin_api: client.ApiClient, s3: S3,
     namespace = f"e2e-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": namespace, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted"}}})
-    prepare_namespace(admin_api, namespace)
     small = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     settings = {"workerImage": WORKER_IMAGE, "progressPollSeconds": 2,
                 "indexResources": small, "finalizeResources": small,  # fit a 2-core node
                 "workerDefaults": {"terminationGracePeriodSeconds": 30,
                                    "ephemeralStorage": "100Mi"}}
-    operator = Operator(cluster, admin_api, namespace, tmp_path_factory.mktemp("operator"),
-                        settings).start()
-    jobs = Jobs(admin_api, namespace, operator)
     try:
-        yield jobs
+        with watching(cluster, admin_api, namespace, tmp_path_factory.mktemp("operator"),
+                      settings) as jobs:
+            yield jobs
     finally:
-        jobs.close()
-        operator.stop()
         core.delete_namespace(namespace, propagation_policy="Background")
