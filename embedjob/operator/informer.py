@@ -10,7 +10,9 @@ backoff. It keeps only :class:`~embedjob.operator.views.PodView` per pod, by job
 
 The official client is synchronous: each scope (the whole cluster, or one namespace) runs
 in its own daemon thread, which also parses the pods; the store itself is changed only on
-the event loop (``call_soon_threadsafe``), so readers on the loop need no locks.
+the event loop, so readers on the loop need no locks. What the threads parse is queued and
+handed to the loop in one callback per batch, not one per event: 10^4 pods starting at once
+are ~3 x 10^4 watch events, and a loop wake-up each would cost the loop more than the events.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import urllib3
 from kubernetes import client
@@ -92,6 +94,37 @@ class PodStore:
         return {u for u in (old_uid, change.uid) if u}
 
 
+Batch = tuple[str | None, list[Change], set[Key] | None]
+"""(scope, changes, the keys of a completed list or None): one page, or one watch event."""
+T = TypeVar("T")
+
+
+class LoopQueue(Generic[T]):
+    """Items put by threads, handed to ``consume`` on the event loop in batches: one loop
+    wake-up per burst (the first item of an empty queue schedules it), not one per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 consume: Callable[[list[T]], None]) -> None:
+        self.loop, self.consume = loop, consume
+        self._items: list[T] = []
+        self._lock = threading.Lock()
+        self.drains = 0
+        """Batches handed over so far."""
+
+    def put(self, item: T) -> None:
+        with self._lock:
+            first = not self._items
+            self._items.append(item)
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        self.drains += 1
+        self.consume(items)
+
+
 class PodInformer:
     """Our pods by job uid, kept current by one list+watch per scope.
 
@@ -110,9 +143,9 @@ class PodInformer:
         self._listed: set[str | None] = set()
         self._synced = asyncio.Event()
         self._stop = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._streams: set[Any] = set()
+        self._queue: LoopQueue[Batch] | None = None
         self.pages = 0
         """List responses received (a list of n pods takes n / page_size of them)."""
         self.lists = 0
@@ -129,7 +162,7 @@ class PodInformer:
     def start(self, resume_from: str | None = None) -> None:
         """One thread per scope; ``resume_from``: watch from that resourceVersion before
         any list (where an earlier watch stopped), else list first."""
-        self._loop = asyncio.get_running_loop()
+        self._queue = LoopQueue(asyncio.get_running_loop(), self._apply)
         for scope in self.scopes:
             thread = threading.Thread(target=self._run, args=(scope, resume_from), daemon=True,
                                       name=f"embedjob-pods-{scope or 'all'}")
@@ -145,21 +178,24 @@ class PodInformer:
         for stream in list(self._streams):
             _close(stream)
 
-    def _apply(self, scope: str | None, changes: list[Change], listed: set[Key] | None) -> None:
-        """Apply one batch (on the event loop); wake the jobs whose pods changed."""
-        woken = self.store.apply(changes, listed, scope)
-        if listed is not None:
-            self.lists += 1
-            self._listed.add(scope)
-            if len(self._listed) == len(self.scopes):
-                self._synced.set()
+    def _apply(self, batches: list[Batch]) -> None:
+        """Apply what the threads parsed (on the event loop); wake the jobs whose pods
+        changed, each once per call however many of its pods did."""
+        woken: set[str] = set()
+        for scope, changes, listed in batches:
+            woken |= self.store.apply(changes, listed, scope)
+            if listed is not None:
+                self.lists += 1
+                self._listed.add(scope)
+                if len(self._listed) == len(self.scopes):
+                    self._synced.set()
         if woken:
             self.on_change(woken)
 
     def _send(self, scope: str | None, changes: list[Change], listed: set[Key] | None) -> None:
-        assert self._loop is not None
+        assert self._queue is not None
         if not self._stop.is_set():
-            self._loop.call_soon_threadsafe(self._apply, scope, changes, listed)
+            self._queue.put((scope, changes, listed))
 
     # --- in the scope's thread --------------------------------------------------------
 
