@@ -2,7 +2,7 @@
 job's memo of quiet units, summarised entries derived lazily) against the plain O(shards)
 pass (the same ``reconcile`` without a memo, which is the algorithm before the memo), in the
 same run. CPU seconds of this process (``time.process_time``), best of ``--rounds``; the
-garbage collector tuned as the operator tunes it (``pacing.tune_gc``) for both sides.
+garbage collector tuned as the operator tunes it (``pacing.tune_interpreter``) for both sides.
 
     python bench/reconcile_pass.py [--shards 1000 10000] [--rounds 3] [--chunk 250]
 
@@ -32,7 +32,7 @@ from operator_helpers import T0, job, with_state  # noqa: E402
 from embedjob.failures import TerminationMessage  # noqa: E402
 from embedjob.operator.config import OperatorSettings  # noqa: E402
 from embedjob.operator.incremental import UnitMemo  # noqa: E402
-from embedjob.operator.pacing import tune_gc  # noqa: E402
+from embedjob.operator.pacing import tune_interpreter  # noqa: E402
 from embedjob.operator.pods import build_pod  # noqa: E402
 from embedjob.operator.reconcile import reconcile  # noqa: E402
 from embedjob.operator.views import IndexInfo, ShardProgress  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=S.create_chunk)
     args = parser.parse_args()
-    tune_gc()
+    tune_interpreter()
     print("| shards | pass | plain O(shards) CPU s | ours CPU s | plain / ours | note |")
     print("|---:|---|---:|---:|---:|---|")
     for n in args.shards:

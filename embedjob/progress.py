@@ -16,7 +16,7 @@ from typing import Any
 from embedjob.times import format_time, from_epoch, parse_time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardProgress:
     """A shard's progress.json (written by the worker after each committed part)."""
 
@@ -79,7 +79,7 @@ def _updated(value: Any) -> datetime | None:
     return parse_time(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeartbeatRecord:
     """A worker's heartbeat.json: it moves once per forward pass and during long stages."""
 

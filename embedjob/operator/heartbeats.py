@@ -22,7 +22,7 @@ from embedjob.progress import HeartbeatRecord
 FRESH_MIN_SECONDS = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observed:
     """One attempt's heartbeat as the operator has read it."""
 

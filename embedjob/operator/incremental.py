@@ -86,7 +86,7 @@ class Entries(Mapping[int, ShardEntry]):
                 yield shard, self.name_of(shard, attempt)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Hit:
     key: tuple[Any, ...]
     unit: Any  # steps.Unit (not imported: steps imports World from observe)

@@ -17,7 +17,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,9 +45,6 @@ log = logging.getLogger("embedjob.operator")
 LOOPS: dict[str, JobLoop] = {}
 PHASES: dict[str, str] = {}
 SHARD_STATES: dict[str, dict[str, int]] = {}
-PASS_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedjob-reconcile")
-"""Reconcile passes run here, off the event loop: one thread (the GIL would serialise more),
-so jobs' passes queue instead of contending, and the pure code's caches see one caller."""
 WAKE_KEYS: dict[str, tuple[Any, ...]] = {}
 LAG_PROBE = pacing.LagProbe(metrics.loop_lag)
 API_CONCURRENCY = 16
@@ -78,7 +74,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.startup()
 async def loop_health(**_: Any) -> None:
     """The event-loop lag probe (metrics), and a garbage collector tuned for big passes."""
-    pacing.tune_gc()
+    pacing.tune_interpreter()
     LAG_PROBE.start()
 
 
@@ -174,14 +170,13 @@ class JobLoop:
         started = time.perf_counter()
         # kopf swaps a live body's dict for a new one, never edits it: these stay as read.
         raw = {key: body.get(key) for key in ("metadata", "spec", "status")}
-        job = await _off_loop(lambda: self.own_status(job_view(raw)))
-        pods = self.with_expected(list(index.get(self.uid)))
+        job, pods = await pacing.off_loop(self.observe, raw, index.get(self.uid))
         if job.spec is not None and job.status.phase.value not in ("Succeeded", "Failed"):
             for refusal in await self.reads.refresh(job, pods, self.wake):
                 await self.not_read(job, refusal)
         now = datetime.now(timezone.utc)
-        plan = await _off_loop(self.decide, job, pods, dict(self.reads.progress),
-                               dict(self.reads.beats), now)
+        plan = await pacing.off_loop(self.decide, job, pods, self.reads.progress,
+                                     self.reads.beats, now)
         if plan.forget_reads:  # a restart or a reset: what was read before is stale
             self.reads.forget()
         refusal = await self.apply(job, plan)
@@ -200,8 +195,9 @@ class JobLoop:
 
     def decide(self, job: JobView, pods: list[PodView], progress: dict[int, ShardProgress],
                beats: dict[int, Observed], now: datetime) -> Plan:
-        """One pure pass, in :data:`PASS_POOL`'s thread: at most ``createChunk`` pods, the
-        quiet shards' decisions reused from the memo. Its CPU time paces the next pass."""
+        """One pure pass, off the loop (:func:`pacing.off_loop`): at most ``createChunk``
+        pods, the quiet shards' decisions reused from the memo. Its CPU time paces the next
+        pass."""
         cpu = time.thread_time()
         plan = reconcile(job, pods, progress, now, self.settings, self.reads.index, beats,
                          memo=self.memo, max_creates=self.settings.create_chunk)
@@ -222,7 +218,7 @@ class JobLoop:
     async def tidy(self, raw: dict[str, Any], pods: list[PodView]) -> float:
         """Delete worker pods the written status records, and the job once its
         ttlSecondsAfterFinished is over (:mod:`retention`); seconds until that TTL."""
-        job, doomed, left = await _off_loop(self.retained, raw, pods)
+        job, doomed, left = await pacing.off_loop(self.retained, raw, pods)
         limit = asyncio.Semaphore(API_CONCURRENCY)
 
         async def delete(name: str) -> None:
@@ -243,6 +239,12 @@ class JobLoop:
 
     def since_patch(self) -> float:
         return time.monotonic() - self.patched_at
+
+    def observe(self, raw: dict[str, Any], seen: tuple[PodView, ...]
+                ) -> tuple[JobView, list[PodView]]:
+        """The job as this pass sees it: the body parsed, our own latest status over a lagging
+        one, the watched pods plus those created and not yet watched. Off the loop: O(pods)."""
+        return self.own_status(job_view(raw)), self.with_expected(list(seen))
 
     def own_status(self, job: JobView) -> JobView:
         """This process is the status' only writer: its latest status beats a lagging body."""
@@ -303,7 +305,7 @@ class JobLoop:
         Returns the errors."""
         if not manifests:
             return []
-        views = await _off_loop(lambda: [pod_view(m) for m in manifests])
+        views = await pacing.off_loop(lambda: [pod_view(m) for m in manifests])
         limit = asyncio.Semaphore(API_CONCURRENCY)
 
         async def create(manifest: dict[str, Any]) -> bool:
@@ -330,7 +332,7 @@ class JobLoop:
         new = self.pending_status
         assert new is not None
         old = self.patched
-        patch = await _off_loop(lambda: merge_patch(
+        patch = await pacing.off_loop(lambda: merge_patch(
             old if old is not None else job_status_dict(job), new))
         self.pending_status = None
         if patch:
@@ -347,12 +349,6 @@ class JobLoop:
         self.posted.add(key)
         log.warning(json.dumps({"job": job.name, "event": "storage_not_read", "error": message}))
         await kube.post_event(job, Event("Warning", "StorageNotRead", message[:1000], key))
-
-
-async def _off_loop(func: Any, *args: Any) -> Any:
-    """Run pure, CPU-bound work (parsing a 10^4-shard status, a reconcile pass, a status
-    diff) in :data:`PASS_POOL`, so the event loop keeps serving watches and /healthz."""
-    return await asyncio.get_running_loop().run_in_executor(PASS_POOL, func, *args)
 
 
 def _count_decision(event: Event) -> None:

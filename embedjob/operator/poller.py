@@ -27,7 +27,7 @@ from embedjob.operator import metrics
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed, fold, judge
 from embedjob.operator.read_schedule import HEARTBEAT, PROGRESS, Read, ReadSchedule
-from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores
+from embedjob.operator.storage_access import JobStorage, Reads, StorageRefused
 from embedjob.progress import ShardProgress, parse_heartbeat, parse_progress, progress_of_heartbeat
 from embedjob.store import ObjectNotFound
 
@@ -93,7 +93,7 @@ class JobReads:
 class Poller:
     """The reader: a scheduling thread and :data:`READERS` reader threads."""
 
-    def __init__(self, settings: OperatorSettings, stores: Stores,
+    def __init__(self, settings: OperatorSettings, stores: Reads,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.settings, self.stores, self.clock, self.wall = settings, stores, clock, wall
@@ -186,19 +186,12 @@ class Poller:
         reads = self.jobs.get(read.job)
         if reads is None:
             return
-        try:
-            store = self.stores.get(read.job, reads.where)
-        except StorageRefused as err:
-            metrics.STORAGE_REQUESTS.labels(kind=read.kind, outcome="refused").inc()
-            reads.refused = err.message  # the job's loop says it, once
-            return
-        reads.refused = None
         key = (layout.shard_heartbeat if read.kind == HEARTBEAT else layout.shard_progress)(
             read.shard)
-        data = self._get(reads, store, key, read.kind)
+        data = self._get(reads, key, read.kind)
         at = self.wall()
         if data is False:
-            return  # storage trouble: no observation (and so no verdict)
+            return  # storage trouble or a refusal: no observation (and so no verdict)
         if read.kind == PROGRESS:
             reads.put_progress(parse_progress(read.shard, data) if data else None)
             return
@@ -208,28 +201,35 @@ class Poller:
         if record is not None:
             prog = progress_of_heartbeat(read.shard, record)
             if prog is None and record.stage == "embedding":  # a worker that predates it
-                raw = self._get(reads, store, layout.shard_progress(read.shard), PROGRESS)
+                raw = self._get(reads, layout.shard_progress(read.shard), PROGRESS)
                 prog = parse_progress(read.shard, raw) if raw else None
             reads.put_progress(prog)
         if judge(observed, at, self.settings).stuck:
             reads.wake()  # a fresh read found it silent: let the job's loop decide now
 
-    def _get(self, reads: JobReads, store: object, key: str, kind: str) -> bytes | bool | None:
-        """The object's bytes; None when it does not exist yet; False on storage trouble."""
+    def _get(self, reads: JobReads, key: str, kind: str) -> bytes | bool | None:
+        """The object's bytes; None when it does not exist yet; False on storage trouble
+        or when the job's identity does not allow the read."""
         try:
-            data: bytes = store.read_bytes(key)  # type: ignore[attr-defined]
+            data = self.stores.read(reads.uid, reads.where, key)
+        except StorageRefused as err:
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="refused").inc()
+            reads.refused = err.message  # the job's loop says it, once
+            return False
         except ObjectNotFound:
             metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="missing").inc()
+            reads.refused = None
             return None
         except StorageError as err:
             metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="error").inc()
+            reads.refused = None
             if reads.failing != err.message:  # each new trouble once, not once per read
                 reads.failing = err.message
                 log.warning(json.dumps({"job": reads.name, "event": "storage_read_failed",
                                         "error": err.message}))
             return False
         metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="ok").inc()
-        reads.failing = None
+        reads.refused = reads.failing = None
         return data
 
 
@@ -237,7 +237,7 @@ _POLLER: Poller | None = None
 _POLLER_LOCK = threading.Lock()
 
 
-def shared(settings: OperatorSettings, stores: Callable[[], Stores]) -> Poller:
+def shared(settings: OperatorSettings, stores: Callable[[], Reads]) -> Poller:
     """The operator's one poller, started on first use."""
     global _POLLER
     with _POLLER_LOCK:

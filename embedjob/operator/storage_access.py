@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from embedjob.failures import EmbedjobError
 from embedjob.operator.config import OperatorSettings
@@ -159,9 +159,22 @@ class Stores:
             raise opened
         return opened
 
+    def read(self, uid: str, where: JobStorage, key: str) -> bytes:
+        """One object of the job's output (ObjectNotFound, StorageError, StorageRefused)."""
+        return self.get(uid, where).read_bytes(key)
+
     def forget(self, uid: str) -> None:
         with self._lock:
             self._open.pop(uid, None)
+
+
+class Reads(Protocol):
+    """What reads a job's output for the operator: :class:`Stores` in this process, or
+    :class:`~embedjob.operator.read_process.ReadProcess` in a child process."""
+
+    def read(self, uid: str, where: JobStorage, key: str) -> bytes: ...
+
+    def forget(self, uid: str) -> None: ...
 
 
 def _keep(opened: Store | StorageRefused) -> float:

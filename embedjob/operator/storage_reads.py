@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from embedjob import layout
-from embedjob.operator import kube, metrics, poller
+from embedjob.operator import metrics, pacing, poller
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed
 from embedjob.operator.observe import ended_attempts, past_index
-from embedjob.operator.storage_access import JobStorage, StorageRefused, Stores, job_storage
+from embedjob.operator.poller import JobReads
+from embedjob.operator.read_process import ReadProcess
+from embedjob.operator.storage_access import JobStorage, Reads, StorageRefused, job_storage
 from embedjob.operator.views import (
     ROLE_INDEX,
     ROLE_WORKER,
@@ -53,7 +55,7 @@ class StorageReads:
         self.done_read: set[int] = set()  # done shards whose final progress was asked for
         self.done_seen: str | None = None  # shardsDone when done_read was last brought up
         self.index_read_at = 0.0
-        self.poller = poller.shared(settings, lambda: Stores(settings, kube.read_secret_data))
+        self.poller = poller.shared(settings, lambda: ReadProcess(settings).start())
 
     async def refresh(self, job: JobView, pods: list[PodView], wake: asyncio.Event
                       ) -> list[str]:
@@ -100,30 +102,42 @@ class StorageReads:
     async def read_shards(self, job: JobView, pods: list[PodView], wake: asyncio.Event
                           ) -> str | None:
         """Hand the running shards to the poller, wait (briefly) for the progress of
-        attempts that just ended, and take the latest reads for this pass."""
+        attempts that just ended, and take the latest reads for this pass. What is O(pods)
+        runs off the loop; only the wait is on it."""
+        reads, futures = await pacing.off_loop(self.hand_over, job, pods, _waker(wake))
+        if futures:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
+                                       ENDED_READ_SECONDS)
+        await pacing.off_loop(self.take, reads, job)
+        return reads.refused
+
+    def hand_over(self, job: JobView, pods: list[PodView], wake: Callable[[], object]
+                  ) -> tuple[JobReads, list[Future[None]]]:
+        """Tell the poller which shards run, and ask it for the progress of attempts that
+        ended first: the replacement must start from what an ended attempt committed, not
+        from the last round's read. A shard that succeeded is read once too, for its final
+        count. Returns the job's reads and the futures of those first reads."""
         assert job.spec is not None
         reads = self.poller.job(self.uid, job.name,
                                 job_storage(job.namespace, job.name, job.spec, self.settings),
-                                _waker(wake))
+                                wake)
         running = {p.shard: p.attempt for p in pods
                    if p.role == ROLE_WORKER and p.phase == "Running" and not p.deleting}
         self.poller.track(self.uid, running)
-        # The replacement must start from what an ended attempt committed, not from the
-        # last round's read: those reads go first, and this pass waits for them. A shard that
-        # succeeded is read once too, for its final count.
         succeeded = {p.name: p.shard for p in pods
                      if p.role == ROLE_WORKER and p.phase == "Succeeded"}
         ended = {n: s for n, s in (ended_attempts(job, pods) | succeeded).items()
                  if n not in self.ended_read}
-        if ended:
-            self.ended_read |= ended.keys()
-            futures = self.poller.ended(self.uid, {s: _attempt_of(n) for n, s in ended.items()})
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
-                                       ENDED_READ_SECONDS)
+        if not ended:
+            return reads, []
+        self.ended_read |= ended.keys()
+        return reads, self.poller.ended(self.uid, {s: _attempt_of(n) for n, s in ended.items()})
+
+    def take(self, reads: JobReads, job: JobView) -> None:
+        """The latest reads, for this pass (copies: the readers go on writing)."""
         self.progress, self.beats = reads.snapshot()
         self.read_done(job)
-        return reads.refused
 
     def read_done(self, job: JobView) -> None:
         """Shards recorded done before this process started have no pod left (retention
@@ -152,18 +166,16 @@ def _attempt_of(pod_name: str) -> int:
 
 
 def read_index_summary(
-    stores: Stores, uid: str, where: JobStorage
+    stores: Reads, uid: str, where: JobStorage
 ) -> IndexInfo | IndexUnreadable | StorageRefused:
     """The summary; the refusal when the job's identity does not allow a read; else one
     line saying what could not be read, where, and why (read again later)."""
+    path = f"{where.uri.rstrip('/')}/{layout.SUMMARY}"
     try:
-        store = stores.get(uid, where)
+        data = stores.read(uid, where, layout.SUMMARY)
     except StorageRefused as err:
         metrics.STORAGE_REQUESTS.labels(kind="index", outcome="refused").inc()
         return err
-    path = f"{store.uri.rstrip('/')}/{layout.SUMMARY}"
-    try:
-        data = store.read_bytes(layout.SUMMARY)
     except Exception as err:  # storage trouble: a condition says so; read again later
         metrics.STORAGE_REQUESTS.labels(kind="index", outcome="error").inc()
         text = (str(err).strip().splitlines() or [type(err).__name__])[0]

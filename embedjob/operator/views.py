@@ -81,7 +81,7 @@ def status_view(raw: Any) -> EmbeddingJobStatus:
         return EmbeddingJobStatus()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodView:
     """One pod of a job, reduced to what reconcile and classify need."""
 
