@@ -78,7 +78,9 @@ class Verdict:
 
 
 def pod_wait(pod: PodView, now: datetime, settings: OperatorSettings) -> Wait | None:
-    """Why ``pod`` waits, or None when it does not (or is only starting)."""
+    """Why ``pod`` waits, or None when it does not (or is only starting). An unschedulable
+    pod waits from the scheduler's verdict; whether the job says so yet is decided for all
+    of them together (:func:`_said`)."""
     if pod.phase != "Pending" or pod.deleting is not None:
         return None
     since = pod.started or pod.created or now
@@ -86,11 +88,21 @@ def pod_wait(pod: PodView, now: datetime, settings: OperatorSettings) -> Wait | 
     if cause is not None:
         text = f"{pod.waiting_reason}: {_line(pod.waiting_message) or 'no message'}"
         return Wait(pod, cause, text, since)
-    if pod.unschedulable_since is not None and (
-            now - pod.unschedulable_since).total_seconds() >= settings.unschedulable_after_seconds:
+    if pod.unschedulable_since is not None:
         return Wait(pod, "Unschedulable", _line(pod.unschedulable_message) or "no node fits",
                     pod.unschedulable_since)
     return None
+
+
+def _said(cause: str, group: list[Wait], now: datetime, settings: OperatorSettings) -> bool:
+    """Whether the job reports this group now: an Unschedulable group once its oldest pod
+    waited ``unschedulableAfterSeconds`` (a cluster autoscaler's usual reaction time), and
+    then with every pod it holds, not only those past the threshold (pods of one chunk are
+    judged by the scheduler a few seconds apart)."""
+    if cause != "Unschedulable":
+        return True
+    oldest = min(x.since for x in group)
+    return (now - oldest).total_seconds() >= settings.unschedulable_after_seconds
 
 
 def deadline_of(cause: str, settings: OperatorSettings) -> float | None:
@@ -124,6 +136,7 @@ def _pods_verdict(w: World) -> Verdict:
     groups: dict[str, list[Wait]] = {}
     for wait in sorted(waits, key=lambda x: (x.pod.shard, x.pod.name)):
         groups.setdefault(wait.cause, []).append(wait)
+    groups = {c: g for c, g in groups.items() if _said(c, g, w.now, w.settings)}
     lines = {cause: summary(cause, group) for cause, group in groups.items()}
     events = tuple(_event(w, f"wait/{cause}", cause, lines[cause]) for cause in groups)
     overdue: list[tuple[float, str, str]] = []  # (seconds past, reason, message)

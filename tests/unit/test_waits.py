@@ -98,6 +98,19 @@ def test_many_waiting_pods_make_one_condition_and_one_event_per_cause() -> None:
     assert len(keys) == 2 and not keys & {e.key for e in warnings}
 
 
+def test_an_unschedulable_group_is_said_whole_once_its_oldest_pod_waited_long_enough() -> None:
+    """Four pods of one chunk, judged by the scheduler 0-3 s apart: one Event for all four
+    once the first has waited unschedulableAfterSeconds, none before."""
+    pods = [index_done(), *(unschedulable(s, since=s) for s in range(4))]
+    quick = OperatorSettings(unschedulableAfterSeconds=15)
+    early = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=14), quick, IDX)
+    assert not [e for e in early.events if e.reason == "Unschedulable"]
+    plan = reconcile(job(RUNNING), pods, {}, T0 + timedelta(seconds=15), quick, IDX)
+    (event,) = [e for e in plan.events if e.reason == "Unschedulable"]
+    assert event.message.startswith("4 pod(s) Unschedulable: ") and "(shards 0-3)" in \
+        event.message
+
+
 def test_nothing_waits_clears_the_condition() -> None:
     old = {**RUNNING, "conditions": [{"type": "PodsWaiting", "status": "True",
                                       "reason": "Unschedulable", "message": "x",
