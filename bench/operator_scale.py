@@ -46,7 +46,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
 import boto3  # noqa: E402
 from envtest import ControlPlane, assets_folder  # noqa: E402
 from kubernetes import client, config  # noqa: E402
-from operatorkit import CREDENTIALS_SECRET, Jobs, Operator, prepare_namespace  # noqa: E402
+from operatorkit import CREDENTIALS_SECRET, Operator, prepare_namespace  # noqa: E402
 from scale_kubelet import InstantKubelet  # noqa: E402
 from scale_probes import (  # noqa: E402
     HealthProbe,
@@ -58,6 +58,7 @@ from scale_probes import (  # noqa: E402
     reconcile_times,
     scrape,
     storage_requests,
+    tree_usage,
 )
 from scale_table import Result, table  # noqa: E402
 
@@ -162,11 +163,16 @@ class Bench:
             return False
 
     def measure(self) -> None:
-        jobs = Jobs(self.api, self.namespace, self.operator)
+        # Not operatorkit.Jobs: its record of every pod (a watch with the client's models)
+        # would cost this process ~80 CPU-s at 10^4 pods, on the cores the operator needs.
         self.custom = client.CustomObjectsApi(self.api)
         t0 = time.monotonic()
         for name in self.names:
-            jobs.create(name, job_spec(name, self.result.shards, self.moto.endpoint))
+            body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "EmbeddingJob",
+                    "metadata": {"name": name},
+                    "spec": job_spec(name, self.result.shards, self.moto.endpoint)}
+            self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION,
+                                                        self.namespace, PLURAL, body)
         first = [f"{n}-{s}-0" for n in self.names for s in range(self.result.shards)]
         self.wait_until(lambda: all(p in self.kubelet.seen for p in first), self.args.timeout)
         seen = [self.kubelet.seen[p] for p in first if p in self.kubelet.seen]
@@ -231,7 +237,7 @@ class Bench:
         total = storage_requests(samples)
         r.s3_metric_per_min = None if total is None else total / elapsed_min
         assert self.operator.proc is not None
-        r.cpu, r.rss = proc_usage(self.operator.proc.pid)
+        r.cpu, r.rss = tree_usage(self.operator.proc.pid)
         r.healthz_worst = self.probe.worst
         self.poll_status()
         s3 = self.moto.requests()

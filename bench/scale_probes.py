@@ -35,6 +35,17 @@ def proc_usage(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
+def tree_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds, peak RSS bytes) of a live process and its live children, summed: the
+    operator's storage reads run in a child process, and the pod's limit covers both."""
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    usages = [proc_usage(pid)] + [proc_usage(c) for c in sorted(children)
+                                  if Path(f"/proc/{c}").exists()]
+    return sum(u[0] for u in usages), sum(u[1] for u in usages)
+
+
 @dataclass
 class HealthProbe:
     """GET the operator's /healthz every ``every`` seconds; the slowest answer bounds the
