@@ -9,7 +9,7 @@ import sys
 
 import kopf
 
-from embedjob.operator import kube
+from embedjob.operator import kube, pacing
 from embedjob.operator import main as _handlers  # noqa: F401 (registers the kopf handlers)
 from embedjob.operator.config import load_settings
 
@@ -22,6 +22,7 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
     port = settings.liveness_port
     liveness = f"http://0.0.0.0:{port}/healthz" if port else None
     kube.connect()
+    pacing.tune_interpreter()  # its full collection before the loop runs, not on it
     kopf.run(
         standalone=True,
         clusterwide=not names,

@@ -73,8 +73,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 @kopf.on.startup()
 async def loop_health(**_: Any) -> None:
-    """The event-loop lag probe (metrics), and a garbage collector tuned for big passes."""
-    pacing.tune_interpreter()
+    """The event-loop lag probe (metrics)."""
     LAG_PROBE.start()
 
 
