@@ -46,7 +46,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
 import boto3  # noqa: E402
 from envtest import ControlPlane, assets_folder  # noqa: E402
 from kubernetes import client, config  # noqa: E402
-from operatorkit import CREDENTIALS_SECRET, Operator, prepare_namespace  # noqa: E402
+from operatorkit import CREDENTIALS_SECRET, Operator, create_job, prepare_namespace  # noqa: E402
 from scale_kubelet import InstantKubelet  # noqa: E402
 from scale_probes import (  # noqa: E402
     HealthProbe,
@@ -168,11 +168,8 @@ class Bench:
         self.custom = client.CustomObjectsApi(self.api)
         t0 = time.monotonic()
         for name in self.names:
-            body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "EmbeddingJob",
-                    "metadata": {"name": name},
-                    "spec": job_spec(name, self.result.shards, self.moto.endpoint)}
-            self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION,
-                                                        self.namespace, PLURAL, body)
+            create_job(self.custom, self.namespace, name,
+                       job_spec(name, self.result.shards, self.moto.endpoint))
         first = [f"{n}-{s}-0" for n in self.names for s in range(self.result.shards)]
         self.wait_until(lambda: all(p in self.kubelet.seen for p in first), self.args.timeout)
         seen = [self.kubelet.seen[p] for p in first if p in self.kubelet.seen]

@@ -149,6 +149,15 @@ class Operator:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
 
+def create_job(custom: client.CustomObjectsApi, namespace: str, name: str,
+               spec: dict[str, Any]) -> dict[str, Any]:
+    """Apply one EmbeddingJob, as `kubectl apply` would create it."""
+    body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "EmbeddingJob",
+            "metadata": {"name": name}, "spec": spec}
+    return custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL,
+                                                  body)
+
+
 @dataclass
 class Jobs:
     """EmbeddingJobs, pods and Events of one namespace, through the admin's client."""
@@ -204,10 +213,7 @@ class Jobs:
                       if (p["metadata"].get("labels") or {}).get("embedjob.io/job") == job)
 
     def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "EmbeddingJob",
-                "metadata": {"name": name}, "spec": spec}
-        return self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION,
-                                                           self.namespace, PLURAL, body)
+        return create_job(self.custom, self.namespace, name, spec)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(

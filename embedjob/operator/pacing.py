@@ -96,24 +96,12 @@ GC_THRESHOLDS = (2_000, 10, 1_000)
 
 
 def tune_interpreter() -> None:
-    """Tune the collector for one latency-bound loop next to passes that allocate ~10^5
-    objects. A collection stops every thread, the loop's included, for as long as it takes,
-    so what matters is the longest pause (measured at 10^4 shards with a ``gc.callbacks``
-    hook, docs/benchmarks.md):
-
-    * Full collections are what made the default (700, 10, 10) cost half of a 10^4-pod
-      pass: every tenth middle collection scans the whole heap while a pass grows it. Here
-      one comes after 1,000 middle ones (~2 x 10^7 allocations; Python also waits until the
-      heap grew by a quarter) — the operator's data is acyclic, reference counting frees it.
-    * The young and middle thresholds bound each pause: a young collection of 10,000 objects
-      took 14-28 ms of CPU, a middle one of 5 x 10,000 24-82 ms; 2,000 and 10 x 2,000 bound
-      them to a fifth and two fifths of those objects (50,000 young, tried first, paused
-      100-400 ms).
-    * What is alive at startup (modules, settings) is frozen out of every collection.
-    Call it before the event loop starts: its own full collection takes ~100 ms. The switch
-    interval stays at 5 ms: 1 ms (tried) made every GIL hand-over wait for a core on a
-    saturated machine, and the 10^4-shard pass took 5-6 s.
-    """
+    """Collector thresholds for a latency-bound loop beside passes that allocate ~10^5
+    objects; call before the loop starts (its own full collection takes ~100 ms). A
+    collection stops every thread, so the thresholds bound the longest pause: full ones only
+    every ~2 x 10^7 allocations (the defaults made them half of a 10^4-pod pass; reference
+    counting frees the operator's acyclic data), young and middle ones of at most 2,000 and
+    20,000 objects. The measurements behind them are in docs/operator.md."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

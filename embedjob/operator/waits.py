@@ -77,7 +77,7 @@ class Verdict:
     """Seconds until the next deadline passes."""
 
 
-def pod_wait(pod: PodView, now: datetime, settings: OperatorSettings) -> Wait | None:
+def pod_wait(pod: PodView, now: datetime) -> Wait | None:
     """Why ``pod`` waits, or None when it does not (or is only starting). An unschedulable
     pod waits from the scheduler's verdict; whether the job says so yet is decided for all
     of them together (:func:`_said`)."""
@@ -132,7 +132,7 @@ def judge(w: World, index_error: str | None) -> Verdict:
 
 
 def _pods_verdict(w: World) -> Verdict:
-    waits = [x for p in w.latest.values() if (x := pod_wait(p, w.now, w.settings))]
+    waits = [x for p in w.latest.values() if (x := pod_wait(p, w.now))]
     groups: dict[str, list[Wait]] = {}
     for wait in sorted(waits, key=lambda x: (x.pod.shard, x.pod.name)):
         groups.setdefault(wait.cause, []).append(wait)

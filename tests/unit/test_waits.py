@@ -72,7 +72,7 @@ def test_pod_view_reads_the_workers_waiting_state_and_image() -> None:
     assert (view.waiting_reason, view.waiting_message) == ("ErrImagePull", "rpc error: not found")
     assert view.image == S.worker_image
     assert pod("worker", 1).waiting_reason is None
-    wait = pod_wait(waiting(3, "ContainerCreating", ""), T0, S)
+    wait = pod_wait(waiting(3, "ContainerCreating", ""), T0)
     assert wait is None  # a pod starting is not waiting
 
 
