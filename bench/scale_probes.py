@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -218,12 +219,12 @@ class MotoServer:
             self.proc.wait(10)
 
     def requests(self) -> Counter[str]:
-        """Requests so far by ``METHOD kind`` (kind: progress — a shard's progress.json or
-        heartbeat.json, what the operator polls — / summary / other)."""
+        """Requests so far by ``METHOD kind`` (kind: progress — a listing of heartbeats/, a
+        heartbeat or a shard's progress.json, what the operator polls — / summary / other)."""
         seen: Counter[str] = Counter()
         for match in REQUEST_LINE.finditer(self.log.read_text(errors="replace")):
-            path = match["path"].split("?")[0]
-            kind = ("progress" if path.endswith(("/progress.json", "/heartbeat.json"))
+            path = unquote(match["path"])
+            kind = ("progress" if "heartbeats/" in path or path.endswith("/progress.json")
                     else "summary" if path.endswith("/summary.json") else "other")
             seen[f"{match['method']} {kind}"] += 1
         return seen

@@ -45,9 +45,19 @@ def shard_progress(shard: int) -> str:
     return f"{shard_dir(shard)}/progress.json"
 
 
+HEARTBEATS = "heartbeats/"
+"""Every shard's heartbeat under one flat prefix: one LIST shows 1,000 of them, ETags included."""
+
+
 def shard_heartbeat(shard: int) -> str:
     """Liveness: written by a running attempt after forward passes, at a bounded rate."""
-    return f"{shard_dir(shard)}/heartbeat.json"
+    return f"{HEARTBEATS}{shard:05d}.json"
+
+
+def heartbeat_shard(key: str) -> int | None:
+    """The shard whose heartbeat ``key`` (as listed under :data:`HEARTBEATS`) is, else None."""
+    name = key.removeprefix(HEARTBEATS).removesuffix(".json")
+    return int(name) if name.isdigit() and key.startswith(HEARTBEATS) else None
 
 
 def shard_output(shard: int) -> str:

@@ -43,6 +43,8 @@ class Store(Protocol):
     def download_file(self, key: str, path: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...  # keys under prefix, sorted
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None: ...  # with its tag; None: missing
+    def list_tagged(self, prefix: str) -> Iterator[tuple[str, str]]: ...  # (key, tag), sorted
     def delete(self, key: str) -> None: ...  # missing is fine
     def child(self, prefix: str) -> Store: ...  # a store rooted at root + prefix
 
@@ -186,6 +188,24 @@ class FileStore:
         keys = [k for k in self._walk(base) if k.startswith(prefix)]
         return iter(sorted(keys))
 
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The file's bytes and a tag that changes with every write (an ETag's role)."""
+        path = self._path(key)
+
+        def read() -> tuple[bytes, str]:
+            with open(path, "rb") as f:
+                return f.read(), _file_tag(os.fstat(f.fileno()))
+
+        try:
+            return _file_op(str(path), "read", read)
+        except ObjectNotFound:
+            return None
+
+    def list_tagged(self, prefix: str) -> Iterator[tuple[str, str]]:
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # removed since the walk
+                yield key, _file_tag(self._path(key).stat())
+
     def _walk(self, base: Path) -> Iterator[str]:
         for dirpath, _dirs, files in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
@@ -219,6 +239,11 @@ class FileStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _file_tag(st: os.stat_result) -> str:
+    # Every write renames a new file into place: a new inode and mtime.
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
 def _temp_beside(target: Path) -> str:

@@ -378,6 +378,15 @@ class S3Store:
             for item in page.get("Contents", ()):
                 yield item["Key"][len(self.prefix) :]
 
+    def list_tagged(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Keys under ``prefix`` with their ETags: 1,000 per request."""
+        full = self.prefix + prefix
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full))
+        while (page := self._call("list", full, lambda: next(pages, None))) is not None:
+            for item in page.get("Contents", ()):
+                yield item["Key"][len(self.prefix) :], str(item.get("ETag", ""))
+
     def delete(self, key: str) -> None:
         full = self._key(key)
         self._call("delete", full, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))

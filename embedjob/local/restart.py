@@ -19,7 +19,7 @@ from embedjob.spec import EmbeddingJobStatus, Phase, ShardState
 from embedjob.status import expand_manifest, history_from_entry
 from embedjob.store import Store
 
-JOB_PREFIXES = ("index/", "shards/")
+JOB_PREFIXES = ("index/", "shards/", layout.HEARTBEATS)
 JOB_FILES = (layout.STATUS, layout.MANIFEST, layout.MERGED, layout.QUARANTINE)
 
 

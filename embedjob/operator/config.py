@@ -136,7 +136,8 @@ class OperatorSettings(_Model):
         5.0, gt=0, description="Shortest interval between two status patches of one job"
     )
     progress_poll_seconds: float = Field(
-        30.0, gt=0, description="Shortest interval between two reads of one shard's heartbeat"
+        30.0, gt=0,
+        description="Shortest interval between two listings of a job's heartbeats"
     )
     stuck_after_seconds: float = Field(
         1800.0, gt=0,
@@ -145,8 +146,9 @@ class OperatorSettings(_Model):
     )
     storage_requests_per_minute: float = Field(
         6000.0, gt=0,
-        description="Operator-wide budget of storage reads for progress and liveness: each "
-        "running shard is read every max(progressPollSeconds, shards x 60 / budget) seconds",
+        description="Operator-wide budget of storage requests for progress and liveness: "
+        "listings of each job's heartbeats (at most half of it), then a GET of each heartbeat "
+        "that changed",
     )
     unschedulable_after_seconds: float = Field(
         300.0, gt=0, description="Pending+Unschedulable this long: condition and Event"

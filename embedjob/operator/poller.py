@@ -1,11 +1,13 @@
 """One operator-wide reader of the shards' heartbeats, off the reconcile path.
 
 Each job's loop tells the poller which of its shards run (:meth:`Poller.track`) and which
-attempts just ended (:meth:`Poller.ended`); a thread takes reads from the
+attempts just ended (:meth:`Poller.ended`); a thread takes requests from the
 :class:`~embedjob.operator.read_schedule.ReadSchedule` (the budget, the order) and a pool of
-reader threads makes them: one GET of ``heartbeat.json`` per running shard per round (it
-carries progress.json's ``done``/``total``/``rate``/``updated`` too), ``progress.json`` for
-an attempt that ended. Results land in the job's :class:`JobReads`, which the job's
+reader threads makes them: per job and round, one LIST of ``heartbeats/`` (1,000 shards a
+request, with their ETags), then one GET of each heartbeat whose ETag changed since it was
+last read (it carries progress.json's ``done``/``total``/``rate``/``updated`` too);
+``progress.json`` for an attempt that ended. An unchanged ETag is a fresh look at a beat that
+did not move, without a GET. Results land in the job's :class:`JobReads`, which the job's
 reconcile takes a snapshot of; blocking storage calls never run on the event loop. A read
 that finds a silent worker wakes its job's loop, so the verdict comes from a fresh read.
 Stores are opened with the job's identity (:mod:`embedjob.operator.storage_access`).
@@ -20,18 +22,26 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import Literal, TypeVar
 
 from embedjob import layout
 from embedjob.failures import StorageError
 from embedjob.operator import metrics
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed, fold, judge
-from embedjob.operator.read_schedule import HEARTBEAT, PROGRESS, Read, ReadSchedule
+from embedjob.operator.read_schedule import HEARTBEAT, LISTING, PROGRESS, Read, ReadSchedule
 from embedjob.operator.storage_access import JobStorage, Reads, StorageRefused
-from embedjob.progress import ShardProgress, parse_heartbeat, parse_progress, progress_of_heartbeat
+from embedjob.progress import (
+    HeartbeatRecord,
+    ShardProgress,
+    parse_heartbeat,
+    parse_progress,
+    progress_of_heartbeat,
+)
 from embedjob.store import ObjectNotFound
 
 log = logging.getLogger("embedjob.operator.poller")
+T = TypeVar("T")
 READERS = 8
 """Reads in flight at once (S3 GETs take 10-50 ms: 8 threads carry 160+ reads/s, above the
 default budget of 100/s; more threads only fight over the GIL with the event loop)."""
@@ -44,6 +54,11 @@ class JobReads:
         self.uid, self.name, self.where, self.wake = uid, name, where, wake
         self.progress: dict[int, ShardProgress] = {}
         self.beats: dict[int, Observed] = {}
+        self.running: dict[int, int] = {}  # shard -> attempt, as the job's loop last said
+        self.tags: dict[int, str] = {}
+        """Each heartbeat's ETag when it was last read (reader threads only)."""
+        self.listed: dict[int, str] = {}
+        """Each heartbeat's ETag in the last listing (the listing reader only)."""
         self.refused: str | None = None
         """Why nothing of this job is read (said once), None while reads are allowed."""
         self.failing: str | None = None
@@ -63,17 +78,38 @@ class JobReads:
             self.progress[prog.shard] = prog if old is None or prog.done >= old.done else (
                 replace(prog, done=old.done))
 
-    def put_beat(self, shard: int, observed: Observed) -> None:
+    def look(self) -> tuple[dict[int, int], dict[int, Observed], dict[int, str]]:
+        """Copies of the running shards, their beats and tags, for a listing to compare."""
         with self._lock:
-            self.beats[shard] = observed
+            return dict(self.running), dict(self.beats), dict(self.tags)
 
-    def beat_of(self, shard: int) -> Observed | None:
+    def put_looked(self, before: Mapping[int, Observed], observed: Mapping[int, Observed]
+                   ) -> None:
+        """Keep what a listing saw, but not over a beat a GET folded in meanwhile (the
+        listing was compared with older tags) nor for an attempt no longer running."""
         with self._lock:
-            return self.beats.get(shard)
+            for shard, seen in observed.items():
+                if (self.beats.get(shard) is before.get(shard)
+                        and self.running.get(shard) == seen.attempt):
+                    self.beats[shard] = seen
+
+    def put_read(self, shard: int, attempt: int, record: HeartbeatRecord | None,
+                 tag: str | None, at: float) -> Observed:
+        """Fold a GET of the heartbeat (``tag``: its ETag, None when it did not exist)."""
+        with self._lock:
+            observed = fold(self.beats.get(shard), attempt, record, at, self.where.uri)
+            if tag is None:
+                self.tags.pop(shard, None)
+            else:
+                self.tags[shard] = tag
+            if self.running.get(shard) == attempt:
+                self.beats[shard] = observed
+            return observed
 
     def keep_only(self, running: Mapping[int, int]) -> None:
         """Forget heartbeats of shards that no longer run (their progress stays)."""
         with self._lock:
+            self.running = dict(running)
             self.beats = {s: o for s, o in self.beats.items() if running.get(s) == o.attempt}
 
     def waiter(self, shard: int) -> Future[None]:
@@ -186,51 +222,91 @@ class Poller:
         reads = self.jobs.get(read.job)
         if reads is None:
             return
-        key = (layout.shard_heartbeat if read.kind == HEARTBEAT else layout.shard_progress)(
-            read.shard)
-        data = self._get(reads, key, read.kind)
-        at = self.wall()
-        if data is False:
+        if read.kind == LISTING:
+            self._listed(read, reads)
+        elif read.kind == HEARTBEAT:
+            self._heartbeat(read, reads)
+        else:
+            data = self._ask(reads, PROGRESS, lambda: self.stores.read(
+                reads.uid, reads.where, layout.shard_progress(read.shard)))
+            if data is not False:
+                reads.put_progress(parse_progress(read.shard, data) if data else None)
+
+    def _listed(self, read: Read, reads: JobReads) -> None:
+        """Compare the listing with the tags last read: an unchanged or missing heartbeat is
+        a fresh look at a beat that did not move; a changed one is read next."""
+        listing = self._ask(reads, LISTING, lambda: self.stores.listing(
+            reads.uid, reads.where, layout.HEARTBEATS), count=read.cost)
+        if listing is False:
             return  # storage trouble or a refusal: no observation (and so no verdict)
-        if read.kind == PROGRESS:
-            reads.put_progress(parse_progress(read.shard, data) if data else None)
+        at = self.wall()
+        tags = {shard: tag for key, tag in (listing or {}).items()
+                if (shard := layout.heartbeat_shard(key)) is not None}
+        running, beats, held = reads.look()
+        still: dict[int, Observed] = {}
+        changed: list[int] = []
+        settled: list[int] = []
+        for shard, attempt in running.items():
+            tag = tags.get(shard)
+            if tag is None or tag == held.get(shard):
+                still[shard] = fold(beats.get(shard), attempt, None, at, reads.where.uri)
+            elif tag == reads.listed.get(shard):
+                settled.append(shard)  # unread, and no longer moving: a verdict waits for it
+            else:
+                changed.append(shard)
+        reads.listed = tags
+        reads.put_looked(beats, still)
+        if changed or settled:
+            with self._lock:
+                self.schedule.changed(read.job, changed)
+                self.schedule.settled(read.job, settled)
+            self._kick.set()
+        if any(judge(observed, at, self.settings).stuck for observed in still.values()):
+            reads.wake()  # a fresh look found a worker silent: let the job's loop decide now
+
+    def _heartbeat(self, read: Read, reads: JobReads) -> None:
+        found = self._ask(reads, HEARTBEAT, lambda: self.stores.read_tagged(
+            reads.uid, reads.where, layout.shard_heartbeat(read.shard)))
+        if found is False:
             return
+        data, tag = found or (b"", None)
         record = parse_heartbeat(data) if data else None
-        observed = fold(reads.beat_of(read.shard), read.attempt, record, at, reads.where.uri)
-        reads.put_beat(read.shard, observed)
+        observed = reads.put_read(read.shard, read.attempt, record, tag, self.wall())
         if record is not None:
             prog = progress_of_heartbeat(read.shard, record)
             if prog is None and record.stage == "embedding":  # a worker that predates it
-                raw = self._get(reads, layout.shard_progress(read.shard), PROGRESS)
+                raw = self._ask(reads, PROGRESS, lambda: self.stores.read(
+                    reads.uid, reads.where, layout.shard_progress(read.shard)))
                 prog = parse_progress(read.shard, raw) if raw else None
             reads.put_progress(prog)
-        if judge(observed, at, self.settings).stuck:
-            reads.wake()  # a fresh read found it silent: let the job's loop decide now
+        if judge(observed, self.wall(), self.settings).stuck:
+            reads.wake()
 
-    def _get(self, reads: JobReads, key: str, kind: str) -> bytes | bool | None:
-        """The object's bytes; None when it does not exist yet; False on storage trouble
-        or when the job's identity does not allow the read."""
+    def _ask(self, reads: JobReads, kind: str, call: Callable[[], T], count: int = 1
+             ) -> T | Literal[False] | None:
+        """What ``call`` returns; None when the object does not exist yet; False on storage
+        trouble or when the job's identity does not allow the read. ``count``: requests."""
         try:
-            data = self.stores.read(reads.uid, reads.where, key)
+            answer = call()
         except StorageRefused as err:
-            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="refused").inc()
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="refused").inc(count)
             reads.refused = err.message  # the job's loop says it, once
             return False
         except ObjectNotFound:
-            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="missing").inc()
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="missing").inc(count)
             reads.refused = None
             return None
         except StorageError as err:
-            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="error").inc()
+            metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="error").inc(count)
             reads.refused = None
             if reads.failing != err.message:  # each new trouble once, not once per read
                 reads.failing = err.message
                 log.warning(json.dumps({"job": reads.name, "event": "storage_read_failed",
                                         "error": err.message}))
             return False
-        metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="ok").inc()
+        metrics.STORAGE_REQUESTS.labels(kind=kind, outcome="ok").inc(count)
         reads.refused = reads.failing = None
-        return data
+        return answer
 
 
 _POLLER: Poller | None = None

@@ -6,9 +6,9 @@ inside the operator, fought over with the event loop: its /healthz, its watches 
 job's loop wait behind it. So the reads run in a child process of their own (``python -m
 embedjob.operator.read_process``): it holds the :class:`~embedjob.operator.storage_access.
 Stores` (the job-scoped identities, Secrets included, never sent back) and a pool of reader
-threads. The operator's side, :class:`ReadProcess`, has the same ``read``/``forget`` as
-``Stores``: a reader thread sends ``(id, uid, where, key)`` and waits, without the GIL, for
-``(id, outcome, value)``.
+threads. The operator's side, :class:`ReadProcess`, has the same reads and ``forget`` as
+``Stores``: a reader thread sends ``(op, id, uid, where, key)`` and waits, without the GIL,
+for ``(id, outcome, value)``.
 
 The pipe carries pickles between this process and its own child only (the standard
 library's ``multiprocessing.connection``). A child that dies fails the reads in flight with
@@ -42,7 +42,8 @@ ANSWER_SECONDS = 120.0
 """Longest wait for one answer: past the store's own timeouts and retries."""
 
 Answer = tuple[str, Any]
-"""("ok", bytes) | ("missing", None) | ("error", message) | ("refused", (message, lasting))."""
+"""("ok", what the op returns) | ("missing", None) | ("error", message)
+| ("refused", (message, lasting))."""
 
 
 class ReadProcess:
@@ -70,12 +71,23 @@ class ReadProcess:
 
     def read(self, uid: str, where: JobStorage, key: str) -> bytes:
         """One object of the job's output (ObjectNotFound, StorageError, StorageRefused)."""
+        return bytes(self._ask("read", uid, where, key))
+
+    def read_tagged(self, uid: str, where: JobStorage, key: str) -> tuple[bytes, str]:
+        data, tag = self._ask("read_tagged", uid, where, key)
+        return bytes(data), str(tag)
+
+    def listing(self, uid: str, where: JobStorage, prefix: str) -> dict[str, str]:
+        return dict(self._ask("listing", uid, where, prefix))
+
+    def _ask(self, op: str, uid: str, where: JobStorage, key: str) -> Any:
+        """Send one request to the child and wait for its answer."""
         future: Future[Answer] = Future()
         with self._lock:
             ident = next(self._ids)
             self._waiting[ident] = future
             try:
-                self._ensure_child()[2].send(("read", ident, uid, where, key))
+                self._ensure_child()[2].send((op, ident, uid, where, key))
             except OSError as err:
                 self._waiting.pop(ident, None)
                 raise StorageError(f"the operator's storage reader process is gone ({err}); "
@@ -146,9 +158,9 @@ class ReadProcess:
                                         f"(code {code})"))
 
 
-def _unwrap(outcome: str, value: Any) -> bytes:
+def _unwrap(outcome: str, value: Any) -> Any:
     if outcome == "ok":
-        return bytes(value)
+        return value
     if outcome == "missing":
         raise ObjectNotFound(str(value or "no such object"))
     if outcome == "refused":
@@ -162,10 +174,13 @@ def _unwrap(outcome: str, value: Any) -> bytes:
 # --- the child -------------------------------------------------------------------------------
 
 
-def answer(stores: Stores, uid: str, where: JobStorage, key: str) -> Answer:
-    """One read in the child, as an answer: every failure becomes one line."""
+def answer(stores: Stores, op: str, uid: str, where: JobStorage, key: str) -> Answer:
+    """One request in the child (``op``: a method of :class:`Stores` that reads), as an
+    answer: every failure becomes one line."""
+    ask = {"read": stores.read, "read_tagged": stores.read_tagged,
+           "listing": stores.listing}[op]
     try:
-        return "ok", stores.read(uid, where, key)
+        return "ok", ask(uid, where, key)
     except StorageRefused as err:
         return "refused", (err.message, err.lasting)
     except ObjectNotFound as err:
@@ -185,8 +200,8 @@ def serve(asks: Connection, answers: Connection) -> None:
     stores = Stores(settings, kube.read_secret_data)
     send = threading.Lock()
 
-    def reply(ident: int, uid: str, where: JobStorage, key: str) -> None:
-        result = answer(stores, uid, where, key)
+    def reply(op: str, ident: int, uid: str, where: JobStorage, key: str) -> None:
+        result = answer(stores, op, uid, where, key)
         with send:
             answers.send((ident, *result))
 
@@ -199,7 +214,7 @@ def serve(asks: Connection, answers: Connection) -> None:
             if message[0] == "forget":
                 stores.forget(message[1])
             else:
-                pool.submit(reply, *message[1:])
+                pool.submit(reply, *message)
 
 
 def main() -> None:

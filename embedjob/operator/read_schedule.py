@@ -1,39 +1,64 @@
-"""Which shard's storage to read next, within an operator-wide budget. No I/O, no threads.
+"""Which storage requests to make next, within an operator-wide budget. No I/O, no threads.
 
-Every running shard of every job is read once per :meth:`ReadSchedule.interval`:
-``max(progressPollSeconds, running shards x 60 / storageRequestsPerMinute)``, so the reads
-of all jobs together stay within the budget however many shards run, and each shard gets
-the same share (a job with more running shards gets proportionally more reads). Order:
-attempts that just ended first (their replacement starts from what they committed), then
-shards never read, then the least recently read. A token bucket paces the reads so a burst
-(a thousand shards starting at once) is spread out instead of spent in one second.
-Times are seconds on one monotonic clock, passed in, so tests drive it with a fake one.
+A job's heartbeats live under one prefix (``heartbeats/``), so one LIST shows 1,000 of them
+with their ETags. A round is one *listing* per job with running shards, every
+:meth:`ReadSchedule.interval` (``progressPollSeconds``, longer only when the listings alone
+would take more than half of ``storageRequestsPerMinute``), and one GET per heartbeat that
+changed since it was last read (the poller compares the tags and says which:
+:meth:`ReadSchedule.changed`). A silent worker's heartbeat is looked at by every listing and
+costs no GET, however many shards run; the GETs of moving ones share what the budget leaves.
+Order: attempts that just ended first (their ``progress.json``: the replacement starts from
+what they committed), then listings that are due, then changed heartbeats that stopped
+changing (a verdict waits for them), then the others in the order they were found. A token
+bucket paces it all, so a thousand shards starting at once are spread out. Times are seconds
+on one monotonic clock, passed in, so tests drive it with a fake one.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+LISTING = "listing"
 HEARTBEAT = "heartbeat"
 PROGRESS = "progress"
+PAGE = 1000
+"""Keys in one LIST answer (S3's most)."""
+LIST_SHARE = 0.5
+"""At most this share of the budget goes to listings; GETs of changed heartbeats get the rest."""
 Key = tuple[str, int]
 """(job uid, shard)."""
 
 
 @dataclass(frozen=True)
 class Read:
-    """One storage request to make."""
+    """One storage request to make (``shard`` and ``attempt`` are -1 for a listing)."""
 
     job: str
     shard: int
     attempt: int
-    kind: str  # HEARTBEAT (a running attempt) | PROGRESS (an attempt that ended)
+    kind: str  # LISTING (a job's heartbeats) | HEARTBEAT (one that changed) | PROGRESS
+
+    @property
+    def cost(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class Listing(Read):
+    """A job's heartbeats, ``pages`` requests of :data:`PAGE` keys."""
+
+    pages: int = 1
+
+    @property
+    def cost(self) -> int:
+        return self.pages
 
 
 class ReadSchedule:
-    """The shards to read and when; the caller reports each read back with :meth:`done`."""
+    """The requests to make and when; the caller reports each one back with :meth:`done`."""
 
     def __init__(self, per_minute: float, min_interval: float, now: float) -> None:
         self.rate = per_minute / 60.0  # requests per second
@@ -41,33 +66,51 @@ class ReadSchedule:
         self.burst = max(1.0, self.rate)  # at most one second's worth at once
         self.tokens, self.refilled = self.burst, now
         self.running: dict[Key, int] = {}  # -> attempt
-        self.last_read: dict[Key, float] = {}
-        self._gen: dict[Key, int] = {}  # a key's queue entry is live while its gen matches
-        self._fresh: deque[tuple[Key, int]] = deque()  # never read
-        self._cycle: deque[tuple[Key, int]] = deque()  # read, oldest first
+        self._jobs: dict[str, int] = {}  # job -> running shards (only jobs with some)
+        self._pages = 0  # listing pages of all jobs: sum of ceil(running / PAGE)
+        self.listed: dict[str, float] = {}  # job -> when its last listing ended
+        self._listing: set[str] = set()  # jobs whose listing is in flight
+        self._changed: dict[Key, None] = {}  # heartbeats to GET, in the order found
+        self._settled: dict[Key, None] = {}  # ... that stopped changing: GET them first
         self._urgent: deque[Read] = deque()
         self.in_flight: set[Key] = set()
 
     # --- what to read
 
     def interval(self) -> float:
-        """Seconds between two reads of one running shard."""
-        return max(self.min_interval, len(self.running) / self.rate)
+        """Seconds between two listings of one job: how late a running shard is looked at."""
+        return max(self.min_interval, self._pages / (self.rate * LIST_SHARE))
 
     def planned_per_minute(self) -> float:
-        """Requests a minute the current shards take at the current interval (<= budget)."""
-        return 60.0 * len(self.running) / self.interval() if self.running else 0.0
+        """Requests a minute at most, at the current interval (<= budget): every listing,
+        and a GET of every running shard's heartbeat per listing (all of them moving)."""
+        per_listing = self._pages + len(self.running)
+        return min(60.0 * self.rate, 60.0 * per_listing / self.interval())
 
     def track(self, job: str, running: Mapping[int, int]) -> None:
-        """The job's running shards now (shard -> attempt): new ones and new attempts are
-        read first; shards no longer running are dropped."""
+        """The job's running shards now (shard -> attempt); shards no longer running are
+        dropped. The job's next listing looks at new ones."""
         for key in [k for k in self.running if k[0] == job and k[1] not in running]:
             self._drop(key)
         for shard, attempt in running.items():
+            self.running[(job, shard)] = attempt
+        self._count(job, len(running))
+
+    def changed(self, job: str, shards: Iterable[int]) -> None:
+        """Heartbeats a listing found changed since they were last read: GET them."""
+        for shard in shards:
             key = (job, shard)
-            if self.running.get(key) != attempt:
-                self.running[key] = attempt
-                self._queue(self._fresh, key)
+            if key in self.running and key not in self.in_flight:
+                self._changed.setdefault(key)
+
+    def settled(self, job: str, shards: Iterable[int]) -> None:
+        """Changed heartbeats that stopped changing (two listings saw the same ETag): a
+        verdict waits for their GET, so they go before the ones still moving."""
+        for shard in shards:
+            key = (job, shard)
+            if key in self.running and key not in self.in_flight:
+                self._changed.pop(key, None)
+                self._settled.setdefault(key)
 
     def ended(self, job: str, shards: Iterable[tuple[int, int]]) -> None:
         """Attempts (shard, attempt) that ended: read their progress before anything else."""
@@ -76,42 +119,44 @@ class ReadSchedule:
     def forget(self, job: str) -> None:
         for key in [k for k in self.running if k[0] == job]:
             self._drop(key)
+        self._count(job, 0)
+        self.listed.pop(job, None)
         self._urgent = deque(r for r in self._urgent if r.job != job)
 
     # --- taking reads
 
     def take(self, now: float, limit: int) -> list[Read]:
-        """Up to ``limit`` reads due now and paid for by the budget."""
+        """Up to ``limit`` requests due now and paid for by the budget (a listing of several
+        pages may overdraw it: the requests after it wait)."""
         self._refill(now)
         out: list[Read] = []
         while len(out) < limit and self.tokens >= 1.0:
             read = self._next(now)
             if read is None:
                 break
-            self.tokens -= 1.0
+            self.tokens -= read.cost
             out.append(read)
         return out
 
     def done(self, read: Read, now: float) -> None:
-        """A read finished (whatever its outcome): the shard goes to the back of the round."""
-        if read.kind != HEARTBEAT:
-            return
-        key = (read.job, read.shard)
-        self.in_flight.discard(key)
-        if key in self.running:
-            self.last_read[key] = now
-            self._queue(self._cycle, key)
+        """A request finished, whatever its outcome."""
+        if read.kind == LISTING:
+            self._listing.discard(read.job)
+            if read.job in self._jobs:
+                self.listed[read.job] = now
+        elif read.kind == HEARTBEAT:
+            self.in_flight.discard((read.job, read.shard))
 
     def wait(self, now: float) -> float:
-        """Seconds until a read may be due (for the reader's sleep)."""
+        """Seconds until a request may be due (for the reader's sleep)."""
         if self.tokens < 1.0:
             return (1.0 - self.tokens) / self.rate
-        if self._urgent or self._live(self._fresh):
+        if self._urgent or self._settled or self._changed:
             return 0.0
-        head = self._live(self._cycle)
-        if head is None:
+        due = self._listing_due()
+        if due is None:
             return self.interval()
-        return max(0.0, self.last_read.get(head, now) + self.interval() - now)
+        return max(0.0, self.listed.get(due, -math.inf) + self.interval() - now)
 
     # --- internals
 
@@ -122,32 +167,35 @@ class ReadSchedule:
     def _next(self, now: float) -> Read | None:
         if self._urgent:
             return self._urgent.popleft()
-        for queue, due in ((self._fresh, True), (self._cycle, False)):
-            key = self._live(queue)
-            if key is None:
-                continue
-            if not due and self.last_read.get(key, now) + self.interval() > now:
-                continue  # the oldest read is not due: none behind it is
-            queue.popleft()
-            self.in_flight.add(key)
-            return Read(key[0], key[1], self.running[key], HEARTBEAT)
+        job = self._listing_due()
+        if job is not None and self.listed.get(job, -math.inf) + self.interval() <= now:
+            self._listing.add(job)
+            return Listing(job, -1, -1, LISTING, pages=_pages(self._jobs[job]))
+        for queue in (self._settled, self._changed):
+            while queue:
+                key = next(iter(queue))
+                del queue[key]
+                if key in self.running:
+                    self.in_flight.add(key)
+                    return Read(key[0], key[1], self.running[key], HEARTBEAT)
         return None
 
-    def _live(self, queue: deque[tuple[Key, int]]) -> Key | None:
-        """The first live key of ``queue`` (stale entries dropped on the way)."""
-        while queue:
-            key, gen = queue[0]
-            if self._gen.get(key) == gen and key in self.running:
-                return key
-            queue.popleft()
-        return None
+    def _listing_due(self) -> str | None:
+        """The job listed longest ago with no listing in flight (O(jobs): a hundred)."""
+        waiting = [j for j in self._jobs if j not in self._listing]
+        return min(waiting, key=lambda j: self.listed.get(j, -math.inf), default=None)
 
-    def _queue(self, queue: deque[tuple[Key, int]], key: Key) -> None:
-        gen = self._gen.get(key, 0) + 1
-        self._gen[key] = gen
-        queue.append((key, gen))
+    def _count(self, job: str, running: int) -> None:
+        self._pages -= _pages(self._jobs.pop(job, 0))
+        if running:
+            self._jobs[job] = running
+            self._pages += _pages(running)
 
     def _drop(self, key: Key) -> None:
         self.running.pop(key, None)
-        self.last_read.pop(key, None)
-        self._gen.pop(key, None)
+        self._changed.pop(key, None)
+        self._settled.pop(key, None)
+
+
+def _pages(running: int) -> int:
+    return math.ceil(running / PAGE)

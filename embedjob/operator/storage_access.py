@@ -1,6 +1,6 @@
 """The operator's own reads of a job's output, with an identity scoped to the job.
 
-The operator reads a job's ``index/summary.json`` and its shards' ``heartbeat.json``. With
+The operator reads a job's ``index/summary.json`` and its shards' heartbeats. With
 its own identity it would read any URI at any endpoint a job names — a confused deputy
 across namespaces. So it opens a job's store the way the job's workers do: the job's
 endpoint and region (``spec.storage``, else ``workerDefaults.storage``) and the job's
@@ -23,7 +23,7 @@ from embedjob.failures import EmbedjobError
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.pods import AWS_KEYS, effective_spec
 from embedjob.spec import EmbeddingJobSpec, StorageSpec
-from embedjob.store import Store, open_store, split_s3_uri
+from embedjob.store import ObjectNotFound, Store, open_store, split_s3_uri
 from embedjob.store_s3 import S3Store
 from embedjob.store_s3 import _make_client as make_client
 
@@ -67,15 +67,19 @@ def job_storage(namespace: str, job: str, spec: EmbeddingJobSpec,
                       effective_spec(spec, settings).storage)
 
 
-def open_job_store(where: JobStorage, settings: OperatorSettings,
-                   read_secret: SecretReader) -> Store:
+ClientMaker = Callable[[StorageSpec, Mapping[str, str | None]], Any]
+"""(endpoint and region, credentials) -> an S3 client."""
+
+
+def open_job_store(where: JobStorage, settings: OperatorSettings, read_secret: SecretReader,
+                   clients: ClientMaker = make_client) -> Store:
     """The job's store as the operator may read it; StorageRefused when it may not."""
     if not where.uri.startswith("s3://"):
         # A path or file://: the operator's own filesystem (tests, one-node setups); in a
         # cluster the operator pod mounts no job volume, so nothing of another job is there.
         return open_store(where.uri, where.storage)
     if where.secret:
-        return _secret_store(where, read_secret)
+        return _secret_store(where, read_secret, clients)
     if settings.security.operator_storage_identity != ALLOW_OPERATOR_IDENTITY:
         raise _lasting(StorageRefused(
             f"the operator does not read {where.uri}: the job names no "
@@ -91,7 +95,8 @@ def _lasting(err: StorageRefused) -> StorageRefused:
     return err
 
 
-def _secret_store(where: JobStorage, read_secret: SecretReader) -> Store:
+def _secret_store(where: JobStorage, read_secret: SecretReader, clients: ClientMaker
+                  ) -> Store:
     try:
         data = read_secret(where.namespace, str(where.secret))
     except Exception as err:  # the API's words, never the Secret's
@@ -102,7 +107,7 @@ def _secret_store(where: JobStorage, read_secret: SecretReader) -> Store:
         raise StorageRefused(f"Secret {where.namespace}/{where.secret} has no "
                              f"{AWS_KEYS[0]} and {AWS_KEYS[1]}: the operator reads nothing of "
                              f"{where.uri}")
-    client = make_client(where.storage, {
+    client = clients(where.storage, {
         "aws_access_key_id": keys[AWS_KEYS[0]], "aws_secret_access_key": keys[AWS_KEYS[1]],
         "aws_session_token": keys.get(AWS_KEYS[2]) or None})
     bucket, prefix = split_s3_uri(where.uri)
@@ -137,6 +142,7 @@ class Stores:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.read_secret, self.clock = settings, read_secret, clock
         self._open: dict[str, tuple[float, JobStorage, Store | StorageRefused]] = {}
+        self._clients: dict[tuple[str, tuple[tuple[str, str | None], ...]], Any] = {}
         self._lock = threading.Lock()
 
     def get(self, uid: str, where: JobStorage) -> Store:
@@ -148,7 +154,7 @@ class Stores:
             opened = cached[2]
         else:
             try:
-                opened = open_job_store(where, self.settings, self.read_secret)
+                opened = open_job_store(where, self.settings, self.read_secret, self._client)
             except StorageRefused as err:
                 opened = err
             except EmbedjobError as err:  # a malformed URI: one line too
@@ -159,9 +165,36 @@ class Stores:
             raise opened
         return opened
 
+    def _client(self, storage: StorageSpec, credentials: Mapping[str, str | None]) -> Any:
+        """One client per endpoint and identity: the jobs of a namespace that share a Secret
+        share it (a boto3 client is ~0.35 MiB with its own connection pool: 100 jobs, 35 MiB).
+        Clients no open store uses any more (a rotated key, jobs gone) are dropped."""
+        key = (storage.model_dump_json(), tuple(sorted(credentials.items())))
+        with self._lock:
+            live = {id(s.client) for _, _, s in self._open.values() if isinstance(s, JobS3Store)}
+            for old in [k for k, c in self._clients.items() if k != key and id(c) not in live]:
+                del self._clients[old]
+            client = self._clients.get(key)
+        if client is None:
+            client = make_client(storage, credentials)
+            with self._lock:
+                client = self._clients.setdefault(key, client)
+        return client
+
     def read(self, uid: str, where: JobStorage, key: str) -> bytes:
         """One object of the job's output (ObjectNotFound, StorageError, StorageRefused)."""
         return self.get(uid, where).read_bytes(key)
+
+    def read_tagged(self, uid: str, where: JobStorage, key: str) -> tuple[bytes, str]:
+        """One object and its tag (ETag), so a later listing can tell whether it changed."""
+        found = self.get(uid, where).read_tagged(key)
+        if found is None:
+            raise ObjectNotFound(f"not found: {where.uri}{key}")
+        return found
+
+    def listing(self, uid: str, where: JobStorage, prefix: str) -> dict[str, str]:
+        """The keys under ``prefix`` with their tags (one request per 1,000 keys)."""
+        return dict(self.get(uid, where).list_tagged(prefix))
 
     def forget(self, uid: str) -> None:
         with self._lock:
@@ -173,6 +206,10 @@ class Reads(Protocol):
     :class:`~embedjob.operator.read_process.ReadProcess` in a child process."""
 
     def read(self, uid: str, where: JobStorage, key: str) -> bytes: ...
+
+    def read_tagged(self, uid: str, where: JobStorage, key: str) -> tuple[bytes, str]: ...
+
+    def listing(self, uid: str, where: JobStorage, prefix: str) -> dict[str, str]: ...
 
     def forget(self, uid: str) -> None: ...
 

@@ -82,6 +82,21 @@ def test_list_is_paginated_sorted_and_relative(store: S3Store, s3_bucket) -> Non
     assert list(store.child("shards/00002").list()) == [k[13:] for k in keys[800:]]
 
 
+def test_tagged_listing_and_read_agree_and_change_with_every_write(store: S3Store) -> None:
+    """What the operator's heartbeat poll relies on: a listing's ETag equals the GET's
+    until the object is written again."""
+    for shard in range(3):
+        store.write_bytes(f"heartbeats/{shard:05d}.json", b'{"beat": 1}')
+    store.write_bytes("shards/00000/progress.json", b"{}")
+    listed = dict(store.list_tagged("heartbeats/"))
+    assert sorted(listed) == [f"heartbeats/{s:05d}.json" for s in range(3)]
+    data, tag = store.read_tagged("heartbeats/00001.json")  # type: ignore[misc]
+    assert data == b'{"beat": 1}' and tag == listed["heartbeats/00001.json"]
+    store.write_bytes("heartbeats/00001.json", b'{"beat": 2}')
+    assert dict(store.list_tagged("heartbeats/"))["heartbeats/00001.json"] != tag
+    assert store.read_tagged("heartbeats/00009.json") is None
+
+
 def test_large_upload_download_and_streaming_read(store: S3Store, tmp_path: Path) -> None:
     data = os.urandom(9 * 1024 * 1024)
     source = tmp_path / "big.bin"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import pytest
 from kubelet import Kubelet
@@ -77,9 +78,9 @@ def test_operator_reads_with_the_jobs_secret_and_never_its_own_identity(
             for name in ("scoped", "ambient")}
     signed = s3.proxy.signed[start:]
     assert {key for key, _, _ in signed} <= {JOB_KEY, AMBIENT_KEY}, signed
-    heartbeats = [(key, path) for key, method, path in signed
-                  if method == "GET" and path.endswith("/heartbeat.json")]
-    assert heartbeats and all(key == JOB_KEY and "/scoped/" in path
+    heartbeats = [(key, path) for key, method, path in signed  # listings and GETs
+                  if method == "GET" and "heartbeats" in unquote(path)]
+    assert heartbeats and all(key == JOB_KEY and "scoped/heartbeats/" in unquote(path)
                               for key, path in heartbeats)  # only the operator reads them
     refused = [e for e in jobs.events("ambient") if e["reason"] == "StorageNotRead"]
     assert len(refused) == 1 and "operatorStorageIdentity" in refused[0]["message"]

@@ -75,11 +75,11 @@ def test_a_failed_job_is_refused_without_retry_failed() -> None:
 def test_restart_deletes_the_job_layout_only(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     for key in (layout.SUMMARY, layout.STATUS, layout.MANIFEST, layout.part_key(0, "a0000-000000"),
-                layout.shard_done(1), "notes/mine.txt"):
+                layout.shard_done(1), layout.shard_heartbeat(1), "notes/mine.txt"):
         store.write_bytes(key, b"x")
-    assert len(job_keys(store)) == 5
+    assert len(job_keys(store)) == 6
     line = discard(store)
-    assert "deleted 5 files" in line and "2 shard(s)" in line
+    assert "deleted 6 files" in line and "2 shard(s)" in line
     assert list(store.list()) == ["notes/mine.txt"]
     assert "nothing to discard" in discard(store)
 

@@ -14,7 +14,7 @@ from embedjob.liveness import Beat, judge_read, seen
 from embedjob.operator.config import OperatorSettings, Security
 from embedjob.operator.heartbeats import fold, stuck
 from embedjob.operator.poller import Poller
-from embedjob.operator.read_schedule import HEARTBEAT, PROGRESS, ReadSchedule
+from embedjob.operator.read_schedule import HEARTBEAT, LISTING, PROGRESS, ReadSchedule
 from embedjob.operator.storage_access import (
     ALLOW_OPERATOR_IDENTITY,
     StorageRefused,
@@ -30,13 +30,17 @@ from embedjob.store import open_store
 S = OperatorSettings()
 
 
-def drain(schedule: ReadSchedule, start: float, seconds: float, step: float = 0.5) -> list:
-    """Run the schedule on a fake clock: every read takes no time."""
+def drain(schedule: ReadSchedule, start: float, seconds: float, step: float = 0.5,
+          moving: bool = False) -> list:
+    """Run the schedule on a fake clock: every request takes no time. ``moving``: every
+    listing finds all the job's heartbeats changed (every worker beating)."""
     reads, t = [], start
     while t < start + seconds:
         for read in schedule.take(t, 10_000):
             reads.append((t, read))
             schedule.done(read, t)
+            if moving and read.kind == LISTING:
+                schedule.changed(read.job, [s for j, s in schedule.running if j == read.job])
         t += step
     return reads
 
@@ -44,60 +48,91 @@ def drain(schedule: ReadSchedule, start: float, seconds: float, step: float = 0.
 # --- the budget -----------------------------------------------------------------------------
 
 
-def test_interval_adapts_to_running_shards_within_the_budget() -> None:
-    schedule = ReadSchedule(per_minute=6000, min_interval=30, now=0)
+def test_listing_interval_adapts_to_the_pages_within_half_the_budget() -> None:
+    schedule = ReadSchedule(per_minute=12, min_interval=30, now=0)  # 0.2 requests a second
     schedule.track("a", {s: 0 for s in range(100)})
-    assert schedule.interval() == 30  # few shards: every progressPollSeconds
-    schedule.track("b", {s: 0 for s in range(10_000)})
-    assert schedule.interval() == pytest.approx(10_100 / 100)  # shards / (budget per second)
-    assert schedule.planned_per_minute() == pytest.approx(6000)
+    assert schedule.interval() == 30  # few pages: every progressPollSeconds
+    schedule.track("b", {s: 0 for s in range(10_000)})  # 1 + 10 pages, half of 0.2/s
+    assert schedule.interval() == pytest.approx(11 / 0.1)
+    assert schedule.planned_per_minute() == pytest.approx(12)
+    roomy = ReadSchedule(per_minute=6000, min_interval=30, now=0)
+    roomy.track("b", {s: 0 for s in range(10_000)})  # 10^4 shards: 10 LISTs per 30 s
+    assert roomy.interval() == 30
 
 
-def test_reads_stay_within_budget_and_every_shard_gets_its_turn() -> None:
-    schedule = ReadSchedule(per_minute=600, min_interval=1, now=0)  # 10 reads a second
+def test_requests_stay_within_budget_and_every_moving_shard_gets_its_turn() -> None:
+    schedule = ReadSchedule(per_minute=600, min_interval=1, now=0)  # 10 requests a second
     schedule.track("big", {s: 0 for s in range(90)})
     schedule.track("small", {s: 0 for s in range(10)})
-    reads = drain(schedule, 0, 60)
+    reads = drain(schedule, 0, 60, moving=True)
     # 10 a second, plus at most the bucket's one second's worth at once
     for start in range(0, 60, 5):
         window = [t for t, _ in reads if start <= t < start + 10]
         assert len(window) <= 10 * 10 + 10
     assert 590 <= len(reads) <= 610
-    shards = Counter((r.job, r.shard) for _, r in reads)
+    listings = [r for _, r in reads if r.kind == LISTING]
+    assert 100 <= len(listings) <= 122  # each job about once a second
+    shards = Counter((r.job, r.shard) for _, r in reads if r.kind == HEARTBEAT)
     assert len(shards) == 100 and max(shards.values()) - min(shards.values()) <= 1
 
 
-def test_each_shard_read_once_per_interval_when_budget_is_ample() -> None:
+def test_a_listing_per_interval_and_a_get_only_for_what_changed() -> None:
     schedule = ReadSchedule(per_minute=60_000, min_interval=30, now=0)
-    schedule.track("j", {0: 0, 1: 0})
+    schedule.track("j", {s: 0 for s in range(5)})
     reads = drain(schedule, 0, 100)
-    times = [t for t, r in reads if r.shard == 0]
-    assert times == [0, 30, 60, 90]
+    assert [(t, r.kind) for t, r in reads] == [(t, LISTING) for t in (0, 30, 60, 90)]
+    schedule.changed("j", [1, 3, 7])  # 7 does not run: nothing to read
+    got = schedule.take(100, 10)
+    assert [(r.kind, r.shard, r.attempt) for r in got] == [(HEARTBEAT, 1, 0), (HEARTBEAT, 3, 0)]
+    schedule.changed("j", [1])  # in flight: not read twice
+    assert schedule.take(100, 10) == []
 
 
-def test_ended_attempts_first_then_new_shards_then_least_recently_read() -> None:
-    schedule = ReadSchedule(per_minute=60, min_interval=1, now=0)  # one read a second
+def test_a_heartbeat_that_stopped_changing_is_read_before_the_moving_ones() -> None:
+    """A worker that beat and then hung: its last ETag is unread, and no verdict comes
+    before that GET — so it does not wait behind every moving shard's."""
+    schedule = ReadSchedule(per_minute=60_000, min_interval=30, now=0)
+    schedule.track("j", {s: 0 for s in range(5)})
+    drain(schedule, 0, 1)
+    schedule.changed("j", [1, 2, 3])
+    schedule.settled("j", [3, 9])
+    assert [r.shard for r in schedule.take(1, 10)] == [3, 1, 2]
+
+
+def test_a_listing_of_many_pages_costs_as_many_requests() -> None:
+    schedule = ReadSchedule(per_minute=600, min_interval=30, now=0)  # 10 a second
+    schedule.track("j", {s: 0 for s in range(2_500)})
+    [listing] = schedule.take(0, 10)
+    assert listing.kind == LISTING and listing.cost == 3
+    schedule.done(listing, 0)
+    schedule.changed("j", range(20))
+    assert len(schedule.take(0, 100)) == 7  # the bucket held 10
+    assert schedule.wait(0) == pytest.approx(0.1)
+
+
+def test_ended_attempts_first_then_listings_then_changed_heartbeats() -> None:
+    schedule = ReadSchedule(per_minute=60, min_interval=5, now=0)  # one request a second
     schedule.track("j", {0: 0, 1: 0})
-    drain(schedule, 0, 2, step=1)  # both read once
-    schedule.track("j", {0: 0, 1: 0, 2: 0})
+    drain(schedule, 0, 2, step=1)  # listed once
+    schedule.changed("j", [1, 0])
     schedule.ended("j", [(5, 3)])
-    order = [schedule.take(t, 10) for t in (10, 11, 12, 13)]
-    got = [(r.kind, r.shard) for batch in order for r in batch]
-    assert got[:2] == [(PROGRESS, 5), (HEARTBEAT, 2)]
-    for batch, t in zip(order, (10, 11, 12, 13), strict=True):
-        for r in batch:
+    got = []
+    for t in range(10, 15):
+        for r in schedule.take(t, 10):
+            got.append((r.kind, r.shard))
             schedule.done(r, t)
-    assert got[2:] == [(HEARTBEAT, 0), (HEARTBEAT, 1)]
+    assert got == [(PROGRESS, 5), (LISTING, -1), (HEARTBEAT, 1), (HEARTBEAT, 0)]
 
 
-def test_stopped_shards_are_dropped_and_a_new_attempt_is_read_first() -> None:
+def test_stopped_shards_are_dropped_and_a_new_attempt_is_read_as_such() -> None:
     schedule = ReadSchedule(per_minute=6000, min_interval=10, now=0)
     schedule.track("j", {0: 0, 1: 0})
     drain(schedule, 0, 1)
+    schedule.changed("j", [0, 1])
     schedule.track("j", {1: 1})
     assert schedule.interval() == 10 and set(schedule.running) == {("j", 1)}
     [read] = schedule.take(2, 10)
-    assert (read.shard, read.attempt) == (1, 1)
+    assert (read.kind, read.shard, read.attempt) == (HEARTBEAT, 1, 1)
     schedule.forget("j")
     assert schedule.take(100, 10) == [] and schedule.running == {}
 
@@ -234,6 +269,60 @@ def test_poller_reads_heartbeats_into_the_jobs_map(tmp_path) -> None:
     poller.forget("uid")
 
 
+class CountingStores(Stores):
+    """The real stores, counting each kind of request the poller makes."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        super().__init__(settings, lambda ns, name: {})
+        self.asked: Counter[str] = Counter()
+
+    def read_tagged(self, uid, where, key):  # type: ignore[no-untyped-def]
+        self.asked["get"] += 1
+        return super().read_tagged(uid, where, key)
+
+    def listing(self, uid, where, prefix):  # type: ignore[no-untyped-def]
+        self.asked["list"] += 1
+        return super().listing(uid, where, prefix)
+
+
+def _wait_for(check, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_an_unchanged_heartbeat_is_looked_at_by_listings_without_a_get(tmp_path) -> None:
+    out = tmp_path / "out"
+    store = open_store(str(out))
+    record = HeartbeatRecord(attempt=0, stage="embedding", beat=4, interval=0.05)
+    store.write_bytes(layout.shard_heartbeat(3), heartbeat_document(record))
+    settings = OperatorSettings(progress_poll_seconds=0.1, stuck_after_seconds=1.0)
+    stores = CountingStores(settings)
+    poller = Poller(settings, stores).start()
+    woken = []
+    reads = poller.job("uid", "j", job_storage("ns", "j", _spec(str(out)), settings),
+                       lambda: woken.append(1))  # type: ignore[arg-type]
+    poller.track("uid", {3: 0, 4: 0})  # shard 4 has written no heartbeat yet
+    _wait_for(lambda: 3 in reads.snapshot()[1] and stores.asked["list"] >= 4)
+    first = reads.snapshot()[1][3]
+    assert stores.asked["get"] == 1 and first.beat.value == 4
+    assert reads.snapshot()[1][4].beat.value == -1  # looked at: no beat of it yet
+    _wait_for(lambda: reads.snapshot()[1][3].beat.read_at > first.beat.read_at)
+    assert stores.asked["get"] == 1  # later looks were listings only
+    # Silent past the threshold: a listing, no GET, is the fresh read that wakes the loop.
+    _wait_for(lambda: bool(woken))
+    assert stores.asked["get"] == 1
+    assert stuck(_pod(), reads.snapshot()[1][3], datetime.now(tz=timezone.utc),
+                 settings) is not None
+    # It beats again: the changed ETag gets one GET, and the beat moved.
+    store.write_bytes(layout.shard_heartbeat(3), heartbeat_document(
+        HeartbeatRecord(attempt=0, stage="embedding", beat=5, interval=0.05)))
+    _wait_for(lambda: reads.snapshot()[1][3].beat.value == 5)
+    assert stores.asked["get"] == 2
+    poller.forget("uid")
+
+
 def test_a_secret_that_could_not_be_read_is_looked_at_again_soon() -> None:
     """A missing Secret (or the API away) is retried after 30 s; the settings' refusal of an
     IRSA job stands for 5 min; a store opened with the Secret is kept, not reopened per read."""
@@ -261,6 +350,24 @@ def test_a_secret_that_could_not_be_read_is_looked_at_again_soon() -> None:
     with pytest.raises(StorageRefused) as err:
         stores.get("uid2", irsa)
     assert err.value.lasting
+
+
+def test_jobs_that_share_a_secret_share_one_client() -> None:
+    keys = {"s3": {"AWS_ACCESS_KEY_ID": "QUtJQQ==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"},
+            "other": {"AWS_ACCESS_KEY_ID": "QUtJQg==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}}
+    stores = Stores(S, lambda ns, name: keys[name])
+
+    def client(uid: str, secret: str) -> object:
+        where = job_storage("ns", uid, _spec(credentialsSecret=secret), S)  # type: ignore[arg-type]
+        return stores.get(uid, where).client  # type: ignore[attr-defined]
+
+    first = client("a", "s3")
+    assert client("b", "s3") is first and client("c", "other") is not first
+    assert len(stores._clients) == 2
+    for uid in ("a", "b"):
+        stores.forget(uid)
+    client("d", "other")  # nobody uses the first identity's client any more: dropped
+    assert len(stores._clients) == 1
 
 
 def test_heartbeat_carries_what_the_operator_needs_of_progress() -> None:

@@ -45,6 +45,14 @@ def test_reads_what_the_store_holds_and_says_what_it_cannot(
     with pytest.raises(StorageRefused, match=r"operatorStorageIdentity") as refused:
         reads.read("irsa", where("s3://bucket/out/"), "index/summary.json")
     assert refused.value.lasting
+    # The heartbeat poll's two requests: a tagged listing and a tagged read that agree.
+    (tmp_path / "heartbeats").mkdir()
+    (tmp_path / "heartbeats" / "00002.json").write_bytes(b"{}")
+    listed = reads.listing("uid", where(str(tmp_path)), "heartbeats/")
+    assert reads.read_tagged("uid", where(str(tmp_path)), "heartbeats/00002.json") == (
+        b"{}", listed["heartbeats/00002.json"])
+    with pytest.raises(ObjectNotFound):
+        reads.read_tagged("uid", where(str(tmp_path)), "heartbeats/00003.json")
     assert reads.started == 1
 
 

@@ -118,6 +118,17 @@ def test_list_sorted_relative_and_by_prefix(store: FileStore) -> None:
     assert list(store.list("nothing/")) == []
 
 
+def test_tags_change_with_every_write(store: FileStore) -> None:
+    store.write_bytes("heartbeats/00001.json", b"1")
+    store.write_bytes("heartbeats/00002.json", b"1")
+    listed = dict(store.list_tagged("heartbeats/"))
+    data, tag = store.read_tagged("heartbeats/00001.json")  # type: ignore[misc]
+    assert data == b"1" and tag == listed["heartbeats/00001.json"]
+    store.write_bytes("heartbeats/00001.json", b"1")  # the same bytes, written again
+    assert dict(store.list_tagged("heartbeats/"))["heartbeats/00001.json"] != tag
+    assert store.read_tagged("heartbeats/00003.json") is None
+
+
 def test_child_and_delete(store: FileStore) -> None:
     shard = store.child("shards/00002/")
     shard.write_bytes("done.json", b"{}")
