@@ -2,6 +2,7 @@
 
     python bench/operator_scale.py [--workload big|many|both] [--shards 10000] [--jobs 100]
         [--job-shards 100] [--fail 50] [--timeout 300] [--steady 45] [--s3-budget N]
+        [--beating N]
         [--setting key=json ...] [--quick]
 
 Each workload gets a fresh control plane (etcd, kube-apiserver, kube-controller-manager from
@@ -14,6 +15,10 @@ first), workers are bound and reported Running and stay so. Then, per workload:
 2. end ``--fail`` running workers as preempted (Failed, exit 143), spread over 10 s, and time
    failure -> the replacement pod (seen by the watch);
 3. ``--steady`` seconds with nothing happening (progress polling, status patches).
+
+The kubelet writes no heartbeats: the operator's listings find none (no GETs). With
+``--beating N`` the bench rewrites the first N running workers' heartbeats every 10 s, as
+real workers do, and the operator GETs those that changed.
 
 Measured over the whole run: the longest /healthz answer (polled every 50 ms: kopf serves it
 on the operator's event loop) and the operator's own loop-lag metric when it has one;
@@ -34,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -64,6 +70,7 @@ from scale_table import Result, table  # noqa: E402
 
 from embedjob import layout  # noqa: E402
 from embedjob.operator.config import OperatorSettings  # noqa: E402
+from embedjob.progress import HeartbeatRecord, heartbeat_document  # noqa: E402
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL  # noqa: E402
 from embedjob.worker.index import IndexSummary  # noqa: E402
 
@@ -96,6 +103,39 @@ def job_spec(name: str, shards: int, endpoint: str) -> dict[str, Any]:
             "shards": shards, "parallelism": shards,
             "storage": {"endpointUrl": endpoint, "region": "us-east-1",
                         "credentialsSecret": CREDENTIALS_SECRET}}
+
+
+class Beater:
+    """Workers' heartbeats, as real workers write them: every ``interval`` seconds, the
+    first ``count`` running workers each PUT their ``heartbeats/NNNNN.json`` with a moved
+    counter (in the bench's process: its CPU and moto's are the cost of the bench)."""
+
+    def __init__(self, s3: Any, kubelet: InstantKubelet, count: int,
+                 interval: float = 10.0) -> None:
+        self.s3, self.kubelet, self.count, self.interval = s3, kubelet, count, interval
+        self.written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="beater", daemon=True)
+
+    def start(self) -> Beater:
+        if self.count:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        beat = 0
+        while not self._stop.wait(self.interval):
+            beat += 1
+            for name in self.kubelet.running_workers()[: self.count]:
+                job, shard, attempt = name.rsplit("-", 2)
+                record = HeartbeatRecord(attempt=int(attempt), stage="embedding", beat=beat,
+                                         done=beat, total=10, interval=self.interval)
+                self.s3.put_object(Bucket=BUCKET, Key=f"{job}/{layout.shard_heartbeat(int(shard))}",
+                                   Body=heartbeat_document(record))
+                self.written += 1
 
 
 class Bench:
@@ -142,6 +182,7 @@ class Bench:
         write_summaries(s3, self.names, self.result.shards)
         self.kubelet = InstantKubelet(str(self.plane.kubeconfig), self.namespace,
                                       writers=self.args.kubelet_writers).start()
+        self.beater = Beater(s3, self.kubelet, self.args.beating).start()
         settings = {**BASE_SETTINGS, **self.args.setting, "metricsPort": self.ports["metrics"],
                     "livenessPort": self.ports["liveness"]}
         self.operator = Operator(self.plane, self.api, self.namespace, self.folder,
@@ -238,7 +279,7 @@ class Bench:
         r.healthz_worst = self.probe.worst
         self.poll_status()
         s3 = self.moto.requests()
-        progress = sum(v for k, v in s3.items() if k.endswith("progress"))
+        progress = sum(v for k, v in s3.items() if k == "GET progress")  # not the PUTs
         r.s3_per_min = progress / elapsed_min
         r.s3_detail = ", ".join(f"{k} {v}" for k, v in sorted(s3.items()))
         r.kubelet_requests = dict(self.kubelet.requests)
@@ -251,6 +292,8 @@ class Bench:
         r.errors = self.kubelet.errors[:5]
 
     def teardown(self) -> None:
+        if hasattr(self, "beater"):
+            self.beater.stop()
         if hasattr(self, "probe"):
             self.probe.stop()
         if hasattr(self, "operator"):
@@ -287,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--s3-budget", type=float, default=None,
                         help="S3 progress/heartbeat requests per minute allowed (default: the "
                              "operator's storageRequestsPerMinute)")
+    parser.add_argument("--beating", type=int, default=0,
+                        help="running workers whose heartbeat the bench rewrites every 10 s "
+                             "(0: none — only the operator's listings, no GETs)")
     parser.add_argument("--setting", action="append", default=[], metavar="KEY=JSON",
                         help="extra operator setting (camelCase key), e.g. statusIntervalSeconds=5")
     parser.add_argument("--quick", action="store_true",

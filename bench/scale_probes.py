@@ -3,6 +3,7 @@ the operator's Prometheus metrics, the API server's audit log, and moto's reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,8 @@ def tree_usage(pid: int) -> tuple[float, int]:
     operator's storage reads run in a child process, and the pod's limit covers both."""
     children = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children |= {int(c) for c in (task / "children").read_text().split()}
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            children |= {int(c) for c in (task / "children").read_text().split()}
     usages = [proc_usage(pid)] + [proc_usage(c) for c in sorted(children)
                                   if Path(f"/proc/{c}").exists()]
     return sum(u[0] for u in usages), sum(u[1] for u in usages)
