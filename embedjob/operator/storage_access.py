@@ -143,26 +143,42 @@ class Stores:
         self.settings, self.read_secret, self.clock = settings, read_secret, clock
         self._open: dict[str, tuple[float, JobStorage, Store | StorageRefused]] = {}
         self._clients: dict[tuple[str, tuple[tuple[str, str | None], ...]], Any] = {}
+        self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, uid: str, where: JobStorage) -> Store:
         """The job's store, or StorageRefused (the same one until it is looked at again)."""
-        with self._lock:
-            cached = self._open.get(uid)
-        if cached is not None and cached[1] == where and self.clock() - cached[0] < _keep(
-                cached[2]):
-            opened = cached[2]
-        else:
-            try:
-                opened = open_job_store(where, self.settings, self.read_secret, self._client)
-            except StorageRefused as err:
-                opened = err
-            except EmbedjobError as err:  # a malformed URI: one line too
-                opened = StorageRefused(err.message)
-            with self._lock:
-                self._open[uid] = (self.clock(), where, opened)
+        opened = self._cached(uid, where)
+        if opened is None:
+            with self._opener(uid):  # the reader threads that want it at once read one Secret
+                opened = self._cached(uid, where)
+                if opened is None:
+                    opened = self._open_now(uid, where)
         if isinstance(opened, StorageRefused):
             raise opened
+        return opened
+
+    def _cached(self, uid: str, where: JobStorage) -> Store | StorageRefused | None:
+        with self._lock:
+            cached = self._open.get(uid)
+        if cached is None or cached[1] != where or self.clock() - cached[0] >= _keep(cached[2]):
+            return None
+        return cached[2]
+
+    def _opener(self, uid: str) -> threading.Lock:
+        with self._lock:
+            return self._opening.setdefault(uid, threading.Lock())
+
+    def _open_now(self, uid: str, where: JobStorage) -> Store | StorageRefused:
+        try:
+            opened: Store | StorageRefused = open_job_store(where, self.settings,
+                                                            self.read_secret, self._client)
+        except StorageRefused as err:
+            opened = err
+        except EmbedjobError as err:  # a malformed URI: one line too
+            opened = StorageRefused(err.message)
+        with self._lock:
+            self._open[uid] = (self.clock(), where, opened)
         return opened
 
     def _client(self, storage: StorageSpec, credentials: Mapping[str, str | None]) -> Any:
@@ -199,6 +215,7 @@ class Stores:
     def forget(self, uid: str) -> None:
         with self._lock:
             self._open.pop(uid, None)
+            self._opening.pop(uid, None)
 
 
 class Reads(Protocol):

@@ -370,6 +370,22 @@ def test_jobs_that_share_a_secret_share_one_client() -> None:
     assert len(stores._clients) == 1
 
 
+def test_readers_that_want_a_closed_store_at_once_read_its_secret_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    asked = []
+
+    def read(ns: str, name: str) -> dict[str, str]:
+        asked.append(name)
+        time.sleep(0.2)  # every reader arrives while the first one reads
+        return {"AWS_ACCESS_KEY_ID": "QUtJQQ==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+    stores = Stores(S, read)
+    where = job_storage("ns", "j", _spec(credentialsSecret="s3"), S)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(8) as pool:
+        opened = list(pool.map(lambda _: stores.get("uid", where), range(8)))
+    assert asked == ["s3"] and all(store is opened[0] for store in opened)
+
+
 def test_heartbeat_carries_what_the_operator_needs_of_progress() -> None:
     """One GET per shard per round: the heartbeat round-trips progress.json's fields."""
     from embedjob.progress import parse_heartbeat, progress_of_heartbeat
