@@ -1,9 +1,10 @@
 """The worker's heartbeat and its stop handling, stage by stage.
 
 Liveness is reported by forward passes, not by commits: every pass bumps a counter, and a
-background thread writes ``heartbeat.json`` when the counter moved, at most once every
-``interval`` seconds (one small PUT per interval on S3, never one per pass). During the
-stages spent in one long call (model load, resume, publish) the thread beats by itself.
+background thread writes ``heartbeats/NNNNN.json`` only when the counter moved (so a new
+ETag means a moved beat: the operator lists them), at most once every ``interval`` seconds
+(one small PUT per interval on S3, never one per pass). During the stages spent in one long
+call (model load, resume, publish) the thread beats by itself.
 
 SIGTERM/SIGINT: during those long stages nothing is buffered, so the handler stops the
 worker at once (:class:`Interrupted`); while embedding it sets the stop flag, checked before
