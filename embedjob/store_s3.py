@@ -370,22 +370,21 @@ class S3Store:
         return self._call("read", full, lambda: self._head(full)) is not None
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for item in self._listed(prefix):
+            yield item["Key"][len(self.prefix) :]
+
+    def list_tagged(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Keys under ``prefix`` with their ETags: 1,000 per request."""
+        for item in self._listed(prefix):
+            yield item["Key"][len(self.prefix) :], str(item.get("ETag", ""))
+
+    def _listed(self, prefix: str) -> Iterator[dict[str, Any]]:
         full = self.prefix + prefix
         paginator = self.client.get_paginator("list_objects_v2")
         pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full))
         while (page := self._call("list", full, lambda: next(pages, None))) is not None:
             # S3 lists keys in UTF-8 byte order, which is Python's str order: already sorted.
-            for item in page.get("Contents", ()):
-                yield item["Key"][len(self.prefix) :]
-
-    def list_tagged(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """Keys under ``prefix`` with their ETags: 1,000 per request."""
-        full = self.prefix + prefix
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full))
-        while (page := self._call("list", full, lambda: next(pages, None))) is not None:
-            for item in page.get("Contents", ()):
-                yield item["Key"][len(self.prefix) :], str(item.get("ETag", ""))
+            yield from page.get("Contents", ())
 
     def delete(self, key: str) -> None:
         full = self._key(key)

@@ -227,10 +227,9 @@ class Poller:
         elif read.kind == HEARTBEAT:
             self._heartbeat(read, reads)
         else:
-            data = self._ask(reads, PROGRESS, lambda: self.stores.read(
-                reads.uid, reads.where, layout.shard_progress(read.shard)))
-            if data is not False:
-                reads.put_progress(parse_progress(read.shard, data) if data else None)
+            prog = self._progress(reads, read.shard)
+            if prog is not False:
+                reads.put_progress(prog)
 
     def _listed(self, read: Read, reads: JobReads) -> None:
         """Compare the listing with the tags last read: an unchanged or missing heartbeat is
@@ -271,16 +270,23 @@ class Poller:
             return
         data, tag = found or (b"", None)
         record = parse_heartbeat(data) if data else None
-        observed = reads.put_read(read.shard, read.attempt, record, tag, self.wall())
+        at = self.wall()
+        observed = reads.put_read(read.shard, read.attempt, record, tag, at)
         if record is not None:
             prog = progress_of_heartbeat(read.shard, record)
             if prog is None and record.stage == "embedding":  # a worker that predates it
-                raw = self._ask(reads, PROGRESS, lambda: self.stores.read(
-                    reads.uid, reads.where, layout.shard_progress(read.shard)))
-                prog = parse_progress(read.shard, raw) if raw else None
+                prog = self._progress(reads, read.shard) or None
             reads.put_progress(prog)
-        if judge(observed, self.wall(), self.settings).stuck:
+        if judge(observed, at, self.settings).stuck:
             reads.wake()
+
+    def _progress(self, reads: JobReads, shard: int) -> ShardProgress | Literal[False] | None:
+        """The shard's progress.json (None: none yet; False: it could not be read)."""
+        data = self._ask(reads, PROGRESS, lambda: self.stores.read(
+            reads.uid, reads.where, layout.shard_progress(shard)))
+        if data is False:
+            return False
+        return parse_progress(shard, data) if data else None
 
     def _ask(self, reads: JobReads, kind: str, call: Callable[[], T], count: int = 1
              ) -> T | Literal[False] | None:

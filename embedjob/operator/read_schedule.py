@@ -40,21 +40,8 @@ class Read:
     shard: int
     attempt: int
     kind: str  # LISTING (a job's heartbeats) | HEARTBEAT (one that changed) | PROGRESS
-
-    @property
-    def cost(self) -> int:
-        return 1
-
-
-@dataclass(frozen=True)
-class Listing(Read):
-    """A job's heartbeats, ``pages`` requests of :data:`PAGE` keys."""
-
-    pages: int = 1
-
-    @property
-    def cost(self) -> int:
-        return self.pages
+    cost: int = 1
+    """Requests it takes from the budget: a listing's pages of :data:`PAGE` keys."""
 
 
 class ReadSchedule:
@@ -66,7 +53,7 @@ class ReadSchedule:
         self.burst = max(1.0, self.rate)  # at most one second's worth at once
         self.tokens, self.refilled = self.burst, now
         self.running: dict[Key, int] = {}  # -> attempt
-        self._jobs: dict[str, int] = {}  # job -> running shards (only jobs with some)
+        self._jobs: dict[str, set[int]] = {}  # job -> its running shards (jobs with some)
         self._pages = 0  # listing pages of all jobs: sum of ceil(running / PAGE)
         self.listed: dict[str, float] = {}  # job -> when its last listing ended
         self._listing: set[str] = set()  # jobs whose listing is in flight
@@ -90,11 +77,11 @@ class ReadSchedule:
     def track(self, job: str, running: Mapping[int, int]) -> None:
         """The job's running shards now (shard -> attempt); shards no longer running are
         dropped. The job's next listing looks at new ones."""
-        for key in [k for k in self.running if k[0] == job and k[1] not in running]:
-            self._drop(key)
+        for shard in self._jobs.get(job, set()) - running.keys():
+            self._drop((job, shard))
         for shard, attempt in running.items():
             self.running[(job, shard)] = attempt
-        self._count(job, len(running))
+        self._count(job, set(running))
 
     def changed(self, job: str, shards: Iterable[int]) -> None:
         """Heartbeats a listing found changed since they were last read: GET them."""
@@ -117,9 +104,9 @@ class ReadSchedule:
         self._urgent.extend(Read(job, s, a, PROGRESS) for s, a in shards)
 
     def forget(self, job: str) -> None:
-        for key in [k for k in self.running if k[0] == job]:
-            self._drop(key)
-        self._count(job, 0)
+        for shard in self._jobs.get(job, set()):
+            self._drop((job, shard))
+        self._count(job, set())
         self.listed.pop(job, None)
         self._urgent = deque(r for r in self._urgent if r.job != job)
 
@@ -170,7 +157,7 @@ class ReadSchedule:
         job = self._listing_due()
         if job is not None and self.listed.get(job, -math.inf) + self.interval() <= now:
             self._listing.add(job)
-            return Listing(job, -1, -1, LISTING, pages=_pages(self._jobs[job]))
+            return Read(job, -1, -1, LISTING, cost=_pages(len(self._jobs[job])))
         for queue in (self._settled, self._changed):
             while queue:
                 key = next(iter(queue))
@@ -185,11 +172,11 @@ class ReadSchedule:
         waiting = [j for j in self._jobs if j not in self._listing]
         return min(waiting, key=lambda j: self.listed.get(j, -math.inf), default=None)
 
-    def _count(self, job: str, running: int) -> None:
-        self._pages -= _pages(self._jobs.pop(job, 0))
-        if running:
-            self._jobs[job] = running
-            self._pages += _pages(running)
+    def _count(self, job: str, shards: set[int]) -> None:
+        self._pages -= _pages(len(self._jobs.pop(job, ())))
+        if shards:
+            self._jobs[job] = shards
+            self._pages += _pages(len(shards))
 
     def _drop(self, key: Key) -> None:
         self.running.pop(key, None)
