@@ -23,6 +23,7 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
     liveness = f"http://0.0.0.0:{port}/healthz" if port else None
     kube.connect()
     pacing.tune_interpreter()  # its full collection before the loop runs, not on it
+    pacing.CollectorClock().start()
     kopf.run(
         standalone=True,
         clusterwide=not names,

@@ -9,13 +9,16 @@
   a status diff, anything O(shards)) in one thread, :data:`PASS_POOL`.
 * :class:`LagProbe`: a task that sleeps 50 ms and records how late it wakes (the longest
   event-loop block), exported as metrics.
-* :func:`tune_interpreter`: fewer, and shorter, pauses of the garbage collector.
+* :func:`tune_interpreter`, :class:`CollectorClock`: fewer, and shorter, pauses of the
+  garbage collector.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -60,7 +63,26 @@ def wakes(before: tuple[Any, ...] | None, body: Mapping[str, Any]) -> tuple[bool
 async def off_loop(func: Callable[..., T], *args: Any) -> T:
     """``func(*args)`` in :data:`PASS_POOL`: the event loop keeps serving watches and /healthz
     meanwhile. Everything of one job's loop that is O(shards) goes through here."""
-    return await asyncio.get_running_loop().run_in_executor(PASS_POOL, func, *args)
+    return await asyncio.get_running_loop().run_in_executor(PASS_POOL, _in_pass, func, *args)
+
+
+_pass_since: float | None = None
+"""When the work now in :data:`PASS_POOL` began (None: idle); read by the collector clock."""
+
+
+def _in_pass(func: Callable[..., T], *args: Any) -> T:
+    global _pass_since
+    _pass_since = time.monotonic()
+    try:
+        return func(*args)
+    finally:
+        _pass_since = None
+
+
+def pass_running_for() -> float:
+    """Seconds the work in :data:`PASS_POOL` has run, 0 when there is none."""
+    since = _pass_since
+    return 0.0 if since is None else time.monotonic() - since
 
 
 def pass_gap(cost_seconds: float) -> float:
@@ -92,16 +114,66 @@ class LagProbe:
             self.observe(lag, self.worst)
 
 
-GC_THRESHOLDS = (2_000, 10, 1_000)
+GC_THRESHOLDS = (2_000, 100, 1_000)
+"""Young, middle, full. The middle threshold is only a fallback: :class:`CollectorClock`
+makes the middle collections."""
+YOUNG_EVERY_SECONDS = 0.05
+MIDDLE_EVERY = 10
+"""A middle collection instead of every MIDDLE_EVERY-th young one (twice a second)..."""
+MIDDLE_DEFER_SECONDS = 2.0
+"""...unless a pass is running, for at most this long: a 10^4-shard pass holds ~50,000
+objects until it ends, and a middle collection meanwhile would walk them all (~50 ms)."""
 
 
 def tune_interpreter() -> None:
     """Collector thresholds for a latency-bound loop beside passes that allocate ~10^5
     objects; call before the loop starts (its own full collection takes ~100 ms). A
-    collection stops every thread, so the thresholds bound the longest pause: full ones only
-    every ~2 x 10^7 allocations (the defaults made them half of a 10^4-pod pass; reference
-    counting frees the operator's acyclic data), young and middle ones of at most 2,000 and
-    20,000 objects. The measurements behind them are in docs/operator.md."""
+    collection stops every thread, so its pause is what the loop waits: full ones only
+    after 1,000 middle ones (the defaults made them half of a 10^4-pod pass; reference
+    counting frees the operator's acyclic data); the young and middle ones are kept small by
+    a :class:`CollectorClock` (the operator starts one). The measurements behind them are
+    in docs/operator.md."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+class CollectorClock:
+    """Young collections every :data:`YOUNG_EVERY_SECONDS`, a middle one every
+    :data:`MIDDLE_EVERY`-th time, in a daemon thread.
+
+    CPython 3.11 starts a young collection when its count of allocations minus frees passes
+    the threshold, but frees of *old* objects count too: while passes and watch events
+    replace long-lived data, the young generation grew to 10,000-50,000 objects between
+    collections and the middle one to 80,000 (a ``gc.callbacks`` probe in the 100-job
+    bench), pauses of 30-230 ms. On a clock, each collection holds what survived 50 ms.
+    ``busy_for``: how long the pass in progress has run (0: none), to put the middle
+    collection after it.
+    """
+
+    def __init__(self, interval: float = YOUNG_EVERY_SECONDS, middle_every: int = MIDDLE_EVERY,
+                 busy_for: Callable[[], float] = pass_running_for) -> None:
+        self.interval, self.middle_every, self.busy_for = interval, middle_every, busy_for
+        self._stop = threading.Event()
+        self.ticks = 0
+        self.middles = 0
+
+    def start(self) -> CollectorClock:
+        threading.Thread(target=self._run, daemon=True, name="embedjob-gc-clock").start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        since_middle = 0
+        while not self._stop.wait(self.interval):
+            self.ticks += 1
+            since_middle += 1
+            busy = 0.0 < self.busy_for() < MIDDLE_DEFER_SECONDS
+            if since_middle >= self.middle_every and not busy:
+                gc.collect(1)
+                self.middles += 1
+                since_middle = 0
+            else:
+                gc.collect(0)

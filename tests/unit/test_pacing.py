@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
+import threading
 import time
+import weakref
 
 import pytest
 from operator_helpers import job_body
@@ -12,6 +15,7 @@ from operator_helpers import job_body
 from embedjob.operator.pacing import (
     MAX_GAP_SECONDS,
     MIN_GAP_SECONDS,
+    CollectorClock,
     LagProbe,
     pass_gap,
     wakes,
@@ -72,3 +76,41 @@ def test_the_lag_probe_sees_a_blocked_loop() -> None:
 
     worst = asyncio.run(main())
     assert worst >= 0.2 and seen[-1] == worst
+
+
+class _Node:
+    other: object = None
+
+
+def test_the_collector_clock_frees_cycles_without_the_allocation_count() -> None:
+    freed = threading.Event()
+    gc.disable()  # no count-driven collection: only the clock's
+    try:
+        node = _Node()
+        node.other = node
+        weakref.finalize(node, freed.set)
+        del node
+        assert not freed.is_set()  # a cycle: reference counting alone never frees it
+        clock = CollectorClock(interval=0.01, middle_every=2).start()
+        try:
+            assert freed.wait(10.0)
+        finally:
+            clock.stop()
+    finally:
+        gc.enable()
+    assert clock.ticks >= 1
+
+
+@pytest.mark.parametrize(("busy", "middles"), [(0.0, True), (0.5, False), (5.0, True)])
+def test_the_collector_clock_puts_middle_collections_after_a_pass(busy, middles) -> None:
+    """A pass in progress (for less than the deferral limit) has its objects spared a middle
+    collection; idle, or a pass running too long, and the middle ones come on the clock."""
+    clock = CollectorClock(interval=0.005, middle_every=2, busy_for=lambda: busy).start()
+    try:
+        deadline = time.monotonic() + 10.0
+        while clock.ticks < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        clock.stop()
+    assert clock.ticks >= 10
+    assert (clock.middles > 0) is middles
