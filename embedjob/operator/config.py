@@ -158,7 +158,7 @@ class OperatorSettings(_Model):
         300.0, gt=0, description="At most one Warning Event per job and wait cause this often"
     )
     create_chunk: int = Field(
-        250, ge=1, description="Most pods one reconcile pass of a job creates; the status is "
+        1000, ge=1, description="Most pods one reconcile pass of a job creates; the status is "
         "written and replacements go first before the next chunk"
     )
     worker_defaults: WorkerDefaults = Field(default_factory=WorkerDefaults)
