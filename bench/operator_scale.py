@@ -3,7 +3,7 @@
     python bench/operator_scale.py [--workload big|many|both] [--shards 10000] [--jobs 100]
         [--job-shards 100] [--fail 50] [--timeout 300] [--steady 45] [--s3-budget N]
         [--beating N]
-        [--setting key=json ...] [--quick]
+        [--setting key=json ...] [--quick] [--repeat N]
 
 Each workload gets a fresh control plane (etcd, kube-apiserver, kube-controller-manager from
 ``$KUBEBUILDER_ASSETS``, tests/envtest.py), moto's S3 server in its own process, the real
@@ -66,7 +66,7 @@ from scale_probes import (  # noqa: E402
     storage_requests,
     tree_usage,
 )
-from scale_table import Result, table  # noqa: E402
+from scale_table import Result, rows, summary, table  # noqa: E402
 
 from embedjob import layout  # noqa: E402
 from embedjob.operator.config import OperatorSettings  # noqa: E402
@@ -338,7 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="sanity run: 1,000 shards and 10 x 100, 10 preemptions, 15 s steady")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per workload; with more than one, a target counts as met "
+                             "when most runs met it (the summary table)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     args.setting = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.setting)}
     if args.s3_budget is None:
         args.s3_budget = float(args.setting.get(
@@ -355,8 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name in chosen:
         jobs, shards = workloads[name]
-        text, passed = table(Bench(args, name, jobs, shards).run(), args)
-        print(text + "\n", flush=True)
+        runs = []
+        for _ in range(args.repeat):
+            result = Bench(args, name, jobs, shards).run()
+            text, passed = table(result, args)
+            print(text + "\n", flush=True)
+            runs.append(rows(result, args))
+        if args.repeat > 1:
+            text, passed = summary(name, runs)
+            print(text + "\n", flush=True)
         ok = ok and passed
     if not ok:
         print("operator_scale: at least one target missed (rows marked FAIL)", file=sys.stderr)

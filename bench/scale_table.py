@@ -104,6 +104,28 @@ def _metric_seconds(text: str) -> float | None:
         return None
 
 
+def summary(name: str, runs: list[list[tuple[str, str, str, bool | None]]]) -> tuple[str, bool]:
+    """The targets of one workload over repeated runs (``rows`` of each): every run's
+    measurement side by side, and a target counts as met when most runs met it (for an odd
+    count, when the median run did). One run on a shared machine decides nothing."""
+    count = len(runs)
+    lines = [f"### {name}: targets over {count} runs", "",
+             "| metric | " + " | ".join(f"run {i + 1}" for i in range(count))
+             + " | target | met in | |",
+             "|---|" + "---|" * count + "---|---|---|"]
+    ok = True
+    for index, (metric, _, target, passed) in enumerate(runs[0]):
+        if passed is None:
+            continue
+        verdicts = [run[index][3] is True for run in runs]
+        met = 2 * sum(verdicts) > count
+        ok = ok and met
+        lines.append(f"| {metric} | " + " | ".join(run[index][1] for run in runs)
+                     + f" | {target} | {sum(verdicts)} of {count} | "
+                     + ("pass" if met else "**FAIL**") + " |")
+    return "\n".join(lines), ok
+
+
 def table(r: Result, args: argparse.Namespace) -> tuple[str, bool]:
     """The workload's Markdown table, and whether every target was met."""
     head = (f"### {r.name}: {r.jobs} job(s) x {r.shards} shards, {r.failed} preemptions, "
