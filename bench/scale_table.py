@@ -105,22 +105,26 @@ def _metric_seconds(text: str) -> float | None:
 
 
 def summary(name: str, runs: list[list[tuple[str, str, str, bool | None]]]) -> tuple[str, bool]:
-    """The targets of one workload over repeated runs (``rows`` of each): every run's
-    measurement side by side, and a target counts as met when most runs met it (for an odd
-    count, when the median run did). One run on a shared machine decides nothing."""
+    """The targets of one workload over repeated runs (``rows`` of each, matched by metric):
+    every run's measurement side by side, and a target counts as met when most runs met it
+    (for an odd count, when the median run did). One run on a shared machine decides
+    nothing."""
     count = len(runs)
     lines = [f"### {name}: targets over {count} runs", "",
              "| metric | " + " | ".join(f"run {i + 1}" for i in range(count))
              + " | target | met in | |",
              "|---|" + "---|" * count + "---|---|---|"]
     ok = True
-    for index, (metric, _, target, passed) in enumerate(runs[0]):
+    by_metric = [{metric: (measured, passed) for metric, measured, _, passed in run}
+                 for run in runs]
+    for metric, _, target, passed in runs[0]:
         if passed is None:
             continue
-        verdicts = [run[index][3] is True for run in runs]
+        seen = [run.get(metric, ("n/a", None)) for run in by_metric]
+        verdicts = [verdict is True for _, verdict in seen]
         met = 2 * sum(verdicts) > count
         ok = ok and met
-        lines.append(f"| {metric} | " + " | ".join(run[index][1] for run in runs)
+        lines.append(f"| {metric} | " + " | ".join(measured for measured, _ in seen)
                      + f" | {target} | {sum(verdicts)} of {count} | "
                      + ("pass" if met else "**FAIL**") + " |")
     return "\n".join(lines), ok

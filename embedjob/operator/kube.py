@@ -111,7 +111,8 @@ def connect() -> client.ApiClient:
         _api = client.ApiClient(conf)
         # The client loads an API class on its first use (0.2 s for CustomObjectsApi, 1-2 s
         # for CoreV1Api): here, before the event loop runs, not in its first status patch.
-        client.CoreV1Api(_api), client.CustomObjectsApi(_api)
+        for api_class in (client.CoreV1Api, client.CustomObjectsApi):
+            api_class(_api)
     return _api
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -371,14 +372,13 @@ def test_jobs_that_share_a_secret_share_one_client() -> None:
 
 
 def test_readers_that_want_a_closed_store_at_once_read_its_secret_once() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     asked = []
 
     def read(ns: str, name: str) -> dict[str, str]:
         asked.append(name)
         time.sleep(0.2)  # every reader arrives while the first one reads
         return {"AWS_ACCESS_KEY_ID": "QUtJQQ==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+
     stores = Stores(S, read)
     where = job_storage("ns", "j", _spec(credentialsSecret="s3"), S)  # type: ignore[arg-type]
     with ThreadPoolExecutor(8) as pool:
