@@ -218,14 +218,12 @@ class JobLoop:
         """Delete worker pods the written status records, and the job once its
         ttlSecondsAfterFinished is over (:mod:`retention`); seconds until that TTL."""
         job, doomed, left = await pacing.off_loop(self.retained, raw, pods)
-        limit = asyncio.Semaphore(API_CONCURRENCY)
 
         async def delete(name: str) -> None:
-            async with limit:
-                await kube.delete_pod(job.namespace, name)
+            await kube.delete_pod(job.namespace, name)
             self.removed.add(name)
 
-        await asyncio.gather(*(delete(n) for n in doomed))
+        _raise_first(await pacing.each(delete, doomed, API_CONCURRENCY))
         if doomed:
             log.info(json.dumps({"job": job.name, "event": "pods_removed", "count": len(doomed),
                                  "message": "finished worker pods recorded in the status"}))
@@ -266,13 +264,11 @@ class JobLoop:
         refusals = [str(e) for e in errors if isinstance(e, kube.PodRefused)]
         if len(errors) > len(refusals):
             raise next(e for e in errors if not isinstance(e, kube.PodRefused))
-        limit = asyncio.Semaphore(API_CONCURRENCY)
 
-        async def delete(name: str) -> None:
-            async with limit:
-                await kube.delete_pod(job.namespace, name)
+        async def delete(name: str) -> bool:
+            return await kube.delete_pod(job.namespace, name)
 
-        await asyncio.gather(*(delete(n) for n in plan.pods_to_delete))
+        _raise_first(await pacing.each(delete, plan.pods_to_delete, API_CONCURRENCY))
         for event in plan.events:
             if event.key in self.posted:
                 continue
@@ -298,25 +294,23 @@ class JobLoop:
         return refusals[0] if refusals else None
 
     async def create_pods(self, job: JobView, manifests: list[dict[str, Any]]
-                          ) -> list[BaseException]:
+                          ) -> list[Exception]:
         """Create pods, API_CONCURRENCY at a time, and expect them until the watch shows them;
         one log line per batch (10^4 lines would cost the event loop more than the creates).
         Returns the errors."""
         if not manifests:
             return []
         views = await pacing.off_loop(lambda: [pod_view(m) for m in manifests])
-        limit = asyncio.Semaphore(API_CONCURRENCY)
 
         async def create(manifest: dict[str, Any]) -> bool:
-            async with limit:
-                return await kube.create_pod(job.namespace, manifest)
+            return await kube.create_pod(job.namespace, manifest)
 
-        results = await asyncio.gather(*map(create, manifests), return_exceptions=True)
+        results = await pacing.each(create, manifests, API_CONCURRENCY)
         now, created = time.monotonic(), Counter[str]()
         names = [m["metadata"]["name"] for m, r in zip(manifests, results, strict=True)
                  if r is True]
         for view, result in zip(views, results, strict=True):
-            if view is not None and not isinstance(result, BaseException):
+            if view is not None and not isinstance(result, Exception):
                 self.expected[view.name] = (now, view)
                 created[view.role] += result is True
         for role, count in created.items():
@@ -325,7 +319,7 @@ class JobLoop:
             shown = names if len(names) <= 4 else [names[0], "...", names[-1]]
             log.info(json.dumps({"job": job.name, "event": "pods_created", "count": len(names),
                                  "pods": shown}))
-        return [r for r in results if isinstance(r, BaseException)]
+        return [r for r in results if isinstance(r, Exception)]
 
     async def flush(self, job: JobView) -> None:
         new = self.pending_status
@@ -348,6 +342,13 @@ class JobLoop:
         self.posted.add(key)
         log.warning(json.dumps({"job": job.name, "event": "storage_not_read", "error": message}))
         await kube.post_event(job, Event("Warning", "StorageNotRead", message[:1000], key))
+
+
+def _raise_first(results: list[Any]) -> None:
+    """As a plain gather would: the first error, once every call has ended."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 def _count_decision(event: Event) -> None:

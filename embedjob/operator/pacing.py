@@ -7,6 +7,7 @@
   that a 10^4-shard job leaves the CPU to the others between passes. Pure.
 * :func:`off_loop`: CPU-bound work of a job's loop (parsing a 10^4-shard status, a pass,
   a status diff, anything O(shards)) in one thread, :data:`PASS_POOL`.
+* :func:`each`: API calls over many pods, a few at a time, from a few tasks.
 * :class:`LagProbe`: a task that sleeps 50 ms and records how late it wakes (the longest
   event-loop block), exported as metrics.
 * :func:`tune_interpreter`, :class:`CollectorClock`: fewer, and shorter, pauses of the
@@ -19,7 +20,7 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -38,6 +39,7 @@ PASS_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedjob-recon
 """Reconcile passes run here, off the event loop: one thread (the GIL would serialise more),
 so jobs' passes queue instead of contending, and the pure code's caches see one caller."""
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 def wake_key(body: Mapping[str, Any],
@@ -71,18 +73,48 @@ _pass_since: float | None = None
 
 
 def _in_pass(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` with no collection until it returns: a pass's temporaries (~50,000
+    objects at 10^4 shards) are freed by reference counting when it ends, and a collection
+    meanwhile would walk them all, then again in the middle generation it promoted them to.
+    The :class:`CollectorClock` stays off too, for at most :data:`PASS_SPARED_SECONDS`."""
     global _pass_since
     _pass_since = time.monotonic()
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
     try:
         return func(*args)
     finally:
         _pass_since = None
+        if paused:
+            gc.enable()
 
 
 def pass_running_for() -> float:
     """Seconds the work in :data:`PASS_POOL` has run, 0 when there is none."""
     since = _pass_since
     return 0.0 if since is None else time.monotonic() - since
+
+
+async def each(func: Callable[[A], Awaitable[T]], items: Sequence[A], limit: int
+               ) -> list[T | Exception]:
+    """``func`` over ``items``, at most ``limit`` at once; results in order, an error in its
+    item's place (as ``gather(..., return_exceptions=True)``). ``limit`` tasks, not one per
+    item: a chunk of 1,000 pending creates would be ~10,000 objects (tasks, coroutines,
+    contexts) for the collector to walk while the chunk lasts."""
+    results: list[T | Exception] = []
+    results.extend(Exception("not run") for _ in items)
+    order = iter(range(len(items)))
+
+    async def worker() -> None:
+        for i in order:
+            try:
+                results[i] = await func(items[i])
+            except Exception as err:  # handed back, as gather does
+                results[i] = err
+
+    await asyncio.gather(*(worker() for _ in range(min(limit, len(items)))))
+    return results
 
 
 def pass_gap(cost_seconds: float) -> float:
@@ -119,10 +151,10 @@ GC_THRESHOLDS = (2_000, 100, 1_000)
 makes the middle collections."""
 YOUNG_EVERY_SECONDS = 0.05
 MIDDLE_EVERY = 10
-"""A middle collection instead of every MIDDLE_EVERY-th young one (twice a second)..."""
-MIDDLE_DEFER_SECONDS = 2.0
-"""...unless a pass is running, for at most this long: a 10^4-shard pass holds ~50,000
-objects until it ends, and a middle collection meanwhile would walk them all (~50 ms)."""
+"""A middle collection instead of every MIDDLE_EVERY-th young one (twice a second)."""
+PASS_SPARED_SECONDS = 2.0
+"""No collection while a pass runs, unless it has run longer than this (a first pass over
+a 10^4-shard status); then the clock goes on, and cycles made meanwhile are found."""
 
 
 def tune_interpreter() -> None:
@@ -147,8 +179,9 @@ class CollectorClock:
     replace long-lived data, the young generation grew to 10,000-50,000 objects between
     collections and the middle one to 80,000 (a ``gc.callbacks`` probe in the 100-job
     bench), pauses of 30-230 ms. On a clock, each collection holds what survived 50 ms.
-    ``busy_for``: how long the pass in progress has run (0: none), to put the middle
-    collection after it.
+    ``busy_for``: how long the pass in progress has run (0: none); the clock waits for it
+    (see :func:`off_loop`), so a middle collection holds half a second of survivors, never a
+    pass's temporaries.
     """
 
     def __init__(self, interval: float = YOUNG_EVERY_SECONDS, middle_every: int = MIDDLE_EVERY,
@@ -168,10 +201,11 @@ class CollectorClock:
     def _run(self) -> None:
         since_middle = 0
         while not self._stop.wait(self.interval):
+            if 0.0 < self.busy_for() < PASS_SPARED_SECONDS:
+                continue  # the pass's objects die with it: walking them now is waste
             self.ticks += 1
             since_middle += 1
-            busy = 0.0 < self.busy_for() < MIDDLE_DEFER_SECONDS
-            if since_middle >= self.middle_every and not busy:
+            if since_middle >= self.middle_every:
                 gc.collect(1)
                 self.middles += 1
                 since_middle = 0

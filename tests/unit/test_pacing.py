@@ -17,7 +17,10 @@ from embedjob.operator.pacing import (
     MIN_GAP_SECONDS,
     CollectorClock,
     LagProbe,
+    each,
+    off_loop,
     pass_gap,
+    pass_running_for,
     wakes,
 )
 
@@ -101,16 +104,60 @@ def test_the_collector_clock_frees_cycles_without_the_allocation_count() -> None
     assert clock.ticks >= 1
 
 
-@pytest.mark.parametrize(("busy", "middles"), [(0.0, True), (0.5, False), (5.0, True)])
-def test_the_collector_clock_puts_middle_collections_after_a_pass(busy, middles) -> None:
-    """A pass in progress (for less than the deferral limit) has its objects spared a middle
-    collection; idle, or a pass running too long, and the middle ones come on the clock."""
+@pytest.mark.parametrize(("busy", "collects"), [(0.0, True), (0.5, False), (5.0, True)])
+def test_the_collector_clock_waits_for_a_pass(busy, collects) -> None:
+    """A pass in progress (for less than the limit) has its objects spared every collection;
+    idle, or a pass running too long, and young and middle ones come on the clock."""
     clock = CollectorClock(interval=0.005, middle_every=2, busy_for=lambda: busy).start()
     try:
-        deadline = time.monotonic() + 10.0
-        while clock.ticks < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        time.sleep(0.2)
     finally:
         clock.stop()
-    assert clock.ticks >= 10
-    assert (clock.middles > 0) is middles
+    assert (clock.ticks >= 10) is collects
+    assert (clock.middles > 0) is collects
+
+
+def test_no_collection_during_a_pass() -> None:
+    """Off the loop the collector is off, and on again afterwards, also after an error."""
+
+    def fail() -> None:
+        raise ValueError("the pass failed")
+
+    async def passes() -> tuple[bool, float]:
+        during = await off_loop(gc.isenabled)
+        busy = await off_loop(pass_running_for)
+        with pytest.raises(ValueError, match="the pass failed"):
+            await off_loop(fail)
+        return during, busy
+
+    during, busy = asyncio.run(passes())
+    assert during is False and busy > 0.0
+    assert gc.isenabled() and pass_running_for() == 0.0
+
+
+def test_each_keeps_order_and_errors_in_place_with_few_tasks() -> None:
+    running, most = 0, 0
+
+    async def call(i: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.001 * (i % 3))
+        running -= 1
+        if i == 5:
+            raise ValueError("five")
+        return i * 10
+
+    async def main() -> tuple[list, int]:
+        tasks = len(asyncio.all_tasks())
+        pending = asyncio.ensure_future(each(call, list(range(20)), 4))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        spawned = len(asyncio.all_tasks()) - tasks - 1
+        return await pending, spawned
+
+    results, spawned = asyncio.run(main())
+    assert [r for r in results if not isinstance(r, Exception)] == [
+        i * 10 for i in range(20) if i != 5]
+    assert isinstance(results[5], ValueError) and most == 4 and spawned == 4
+    assert asyncio.run(each(call, [], 4)) == []
