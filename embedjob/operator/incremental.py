@@ -9,7 +9,9 @@ Two pieces, both invisible in the result (a pass with them equals a pass without
   from and the time until which it cannot change
   (:func:`embedjob.operator.classify.quiet_until`). A later pass with the same inputs (the same
   pod view, progress and entry: identity first, so an unchanged pod costs a pointer compare)
-  reuses it. Anything that acts is decided afresh every pass.
+  reuses it. A new heartbeat observation is an input only through "stuck": the caller says
+  whether it changes anything (:meth:`UnitMemo.get`). Anything that acts is decided afresh
+  every pass.
 
 The memo is a cache of a pure function: it belongs to the caller (one per job in the
 operator), and dropping it only makes the next pass slower.
@@ -91,6 +93,7 @@ class _Hit:
     key: tuple[Any, ...]
     unit: Any  # steps.Unit (not imported: steps imports World from observe)
     until: datetime | None
+    beat: Any = None  # the heartbeat observation it was last checked against
 
 
 @dataclass
@@ -116,16 +119,26 @@ class UnitMemo:
             return (None, prog, entry_key, slots > 0, resuming)
         return (pod, prog, entry_key)
 
-    def get(self, role: str, shard: int, key: tuple[Any, ...], now: datetime) -> Any | None:
+    def get(self, role: str, shard: int, key: tuple[Any, ...], now: datetime,
+            beat: Any = None, quiet_beat: Callable[[Any], bool] | None = None) -> Any | None:
+        """The unit kept for these inputs, else None. A heartbeat observation other than the
+        one it was checked against is asked about: ``quiet_beat(beat)`` true keeps the unit.
+        Every listing round observes every running shard anew (a fresh look, the beat
+        unmoved): without this, 10^4 units would be decided and kept again each round."""
         hit = self.units.get((role, shard))
         if hit is None or hit.key != key or (hit.until is not None and now >= hit.until):
             self.misses += 1
             return None
+        if hit.beat is not beat:
+            if quiet_beat is None or not quiet_beat(beat):
+                self.misses += 1
+                return None
+            hit.beat = beat
         self.hits += 1
         return hit.unit
 
     def put(self, role: str, shard: int, key: tuple[Any, ...], unit: Any, pod: Any,
-            now: datetime, unsched_after: float) -> None:
+            now: datetime, unsched_after: float, beat: Any = None) -> None:
         """Keep ``unit`` if it is quiet; forget the shard's earlier one either way."""
         quiet = not (unit.create or unit.delete or unit.events or unit.requeue is not None
                      or unit.unschedulable)
@@ -138,4 +151,4 @@ class UnitMemo:
             if until is not None and now >= until:
                 self.units.pop((role, shard), None)
                 return
-        self.units[(role, shard)] = _Hit(key, unit, until)
+        self.units[(role, shard)] = _Hit(key, unit, until, beat)

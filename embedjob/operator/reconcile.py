@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from embedjob.failures import ConfigError
+from embedjob.operator import heartbeats
 from embedjob.operator.config import OperatorSettings
 from embedjob.operator.heartbeats import Observed
 from embedjob.operator.incremental import UnitMemo
@@ -252,13 +253,19 @@ def _step(w: World, role: str, shard: int, slots: int, resuming: bool) -> Unit:
     pod = w.latest.get((role, shard))
     prog = w.progress.get(shard) if role == ROLE_WORKER else None
     beat = w.beats.get(shard) if role == ROLE_WORKER else None  # "stuck" reads it
-    key = (*memo.unit_key(pod, prog, w.entries.key(shard), slots, resuming), beat)
-    unit = memo.get(role, shard, key, w.now)
+    key = memo.unit_key(pod, prog, w.entries.key(shard), slots, resuming)
+    unit = memo.get(role, shard, key, w.now, beat, lambda b: _not_stuck(w, pod, b))
     if unit is None:
         unit = step(w, role, shard, slots, resuming)
         memo.put(role, shard, key, unit, pod, w.now,
-                 w.settings.unschedulable_after_seconds)
+                 w.settings.unschedulable_after_seconds, beat)
     return unit
+
+
+def _not_stuck(w: World, pod: PodView | None, beat: Observed | None) -> bool:
+    """A quiet unit's pod was not stuck; with this observation it is still not (the verdict
+    is as of the read, so it cannot turn with time alone: :func:`heartbeats.stuck`)."""
+    return pod is None or heartbeats.stuck(pod, beat, w.now, w.settings) is None
 
 
 # --- the plan: status written once, Events after -----------------------------------------

@@ -12,11 +12,13 @@ from operator_helpers import T0, job, with_state
 
 from embedjob.failures import TerminationMessage
 from embedjob.operator.config import OperatorSettings
+from embedjob.operator.heartbeats import Observed, fold
 from embedjob.operator.incremental import Entries, UnitMemo
 from embedjob.operator.pods import build_pod
 from embedjob.operator.reconcile import reconcile
 from embedjob.operator.views import IndexInfo, PodView, ShardProgress, pod_view
 from embedjob.policy import ShardHistory
+from embedjob.progress import HeartbeatRecord
 from embedjob.spec import EmbeddingJobStatus
 from embedjob.status import attempt_name, expand_manifest
 
@@ -38,6 +40,7 @@ class World:
             "j-index-0": with_state(index, "Succeeded", exit_code=0, reason="Completed")}
         self.manifests: dict[str, dict] = {}
         self.progress: dict[int, ShardProgress] = {}
+        self.beats: dict[int, Observed] = {}
         self.status: dict = {"phase": "Indexing"}
 
     def apply(self, plan) -> None:
@@ -55,7 +58,8 @@ class World:
         for _ in range(self.rng.randint(1, 3)):
             workers = [n for n in self.pods if n in self.manifests]
             what = self.rng.choice(["run", "run", "succeed", "fail", "vanish", "progress",
-                                    "time", "big-time", "unsched", "copy"])
+                                    "time", "big-time", "unsched", "copy", "look", "look",
+                                    "beat"])
             if what == "time":
                 self.t += self.rng.choice([1, 5, 20])
             elif what == "big-time":
@@ -66,8 +70,19 @@ class World:
                 self.progress[pod.shard] = ShardProgress(
                     shard=pod.shard, attempt=pod.attempt, done=done, total=100, rate=1.5,
                     updated=T0 + timedelta(seconds=self.t))
+            elif what in ("look", "beat") and workers:
+                self._heartbeat(self.pods[self.rng.choice(workers)], what == "beat")
             elif workers:
                 self._pod_event(what, self.rng.choice(workers))
+
+    def _heartbeat(self, pod: PodView, moved: bool) -> None:
+        """The poller's read: a fresh look at an unmoved beat, or a beat that moved."""
+        before = self.beats.get(pod.shard)
+        value = (before.beat.value if before else 0) + moved
+        record = (HeartbeatRecord(attempt=pod.attempt, stage="embedding", beat=value)
+                  if value > 0 else None)
+        at = (T0 + timedelta(seconds=self.t)).timestamp()
+        self.beats[pod.shard] = fold(before, pod.attempt, record, at, "s3://b/o")
 
     def _pod_event(self, what: str, name: str) -> None:
         manifest, pod = self.manifests[name], self.pods[name]
@@ -107,7 +122,7 @@ def test_memoized_pass_equals_full_pass(seed: int) -> None:
     for _ in range(60):
         chunk = rng.choice([None, 1, 3, 100])
         args = (job(world.status, **world.spec), list(world.pods.values()),
-                dict(world.progress), world.now(), S, index)
+                dict(world.progress), world.now(), S, index, dict(world.beats))
         full = reconcile(*args, max_creates=chunk)
         fast = reconcile(*args, memo=memo, max_creates=chunk)
         assert fast == full
@@ -115,6 +130,35 @@ def test_memoized_pass_equals_full_pass(seed: int) -> None:
         world.apply(full)
         world.change()
     assert hits > 0  # the memo was used, not just filled
+
+
+def test_a_fresh_look_keeps_quiet_units_until_it_finds_a_worker_stuck() -> None:
+    """Every listing round observes every running shard anew: an unmoved beat seen again
+    must not re-decide the shard, and one seen silent past the threshold must."""
+    spec = {"shards": 4, "parallelism": 4}
+    j = job({"phase": "Running"}, **spec)
+    pods = [with_state(build_pod(j, "worker", s, 0, ShardHistory(attempts=1), S), "Running",
+                       started=0) for s in range(4)]
+    j = job(reconcile(j, pods, {}, T0, S, IndexInfo(4, 40)).status, **spec)
+    record = HeartbeatRecord(attempt=0, stage="embedding", beat=1)
+    beats = {s: fold(None, 0, record, T0.timestamp() + 5, "s3://b/o") for s in range(4)}
+    memo = UnitMemo()
+
+    def passes(t: float) -> tuple:
+        now = T0 + timedelta(seconds=t)
+        full = reconcile(j, pods, {}, now, S, IndexInfo(4, 40), dict(beats))
+        fast = reconcile(j, pods, {}, now, S, IndexInfo(4, 40), dict(beats), memo=memo)
+        assert fast == full
+        return fast, memo.hits
+
+    assert passes(10)[0].pods_to_create == []
+    beats = {s: fold(o, 0, None, T0.timestamp() + 60, "s3://b/o") for s, o in beats.items()}
+    plan, hits = passes(60)
+    assert plan.pods_to_create == [] and hits == 4  # a fresh look, nothing new: kept
+    beats[2] = fold(beats[2], 0, None, T0.timestamp() + 300, "s3://b/o")
+    plan, hits = passes(300)  # shard 2 was seen silent for 295 s: stuck, decided anew
+    assert [m["metadata"]["name"] for m in plan.pods_to_create] == ["j-2-1"]
+    assert hits == 3
 
 
 def test_entries_are_the_expanded_manifest() -> None:
