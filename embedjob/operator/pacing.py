@@ -102,8 +102,7 @@ async def each(func: Callable[[A], Awaitable[T]], items: Sequence[A], limit: int
     item's place (as ``gather(..., return_exceptions=True)``). ``limit`` tasks, not one per
     item: a chunk of 1,000 pending creates would be ~10,000 objects (tasks, coroutines,
     contexts) for the collector to walk while the chunk lasts."""
-    results: list[T | Exception] = []
-    results.extend(Exception("not run") for _ in items)
+    results: list[Any] = [None] * len(items)  # every slot is filled before it returns
     order = iter(range(len(items)))
 
     async def worker() -> None:
