@@ -109,8 +109,10 @@ def test_the_collector_clock_waits_for_a_pass(busy, collects) -> None:
     """A pass in progress (for less than the limit) has its objects spared every collection;
     idle, or a pass running too long, and young and middle ones come on the clock."""
     clock = CollectorClock(interval=0.005, middle_every=2, busy_for=lambda: busy).start()
-    try:
-        time.sleep(0.2)
+    try:  # a busy clock is watched for 0.2 s; a free one until it ticked (a loaded machine)
+        deadline = time.monotonic() + (10.0 if collects else 0.2)
+        while clock.ticks < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         clock.stop()
     assert (clock.ticks >= 10) is collects
