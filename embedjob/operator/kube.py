@@ -1,17 +1,16 @@
-"""Every Kubernetes API call the operator makes (besides kopf's own), in one place.
+"""Every Kubernetes API call the operator makes (besides kopf's own and the pod informer's),
+in one place.
 
-Each call here is covered by a rule in :mod:`embedjob.operator.rbac`. The official client
-is synchronous; calls run in worker threads so the event loop keeps serving other jobs.
+Each call here is covered by a rule in :mod:`embedjob.operator.rbac`. The writes go through
+:mod:`embedjob.operator.rest` (aiohttp on the event loop); the official client loads the
+credentials and still serves the storage reader's synchronous Secret read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,14 +20,15 @@ from kubernetes.client.exceptions import ApiException
 
 from embedjob.failures import ConfigError
 from embedjob.operator.reconcile import Event
+from embedjob.operator.rest import MERGE_PATCH, ApiUnreachable, Session, path, unreachable
 from embedjob.operator.views import JobView
 from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger("embedjob.operator.kube")
 _api: client.ApiClient | None = None
-POOL_SIZE = 16
-_POOL = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="embedjob-api")
-"""Own threads for API calls: asyncio's default pool has only cpus + 4 of them."""
+_session: Session | None = None
+CONNECTIONS = 16
+"""Connections to the API server for the operator's own writes, shared by all jobs."""
 
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -39,49 +39,24 @@ REQUEST_TIMEOUT = (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
 WATCH_CLIENT_TIMEOUT_SECONDS = 330.0
 """kopf's watch streams: longer than the server-side timeout (300 s) that ends them
 normally, so only a watch that went silent is cut."""
+CUSTOM = ("apis", API_GROUP, API_VERSION)
 
 
-class ApiUnreachable(ConnectionError):
-    """The API server did not answer (timeout, refused or reset connection, TLS error).
-
-    An OSError, so the job loop's handler for API hiccups logs it and retries after a short
-    pause instead of leaving the daemon to kopf's backoff."""
-
-
-def unreachable(what: str, err: urllib3.exceptions.HTTPError) -> ApiUnreachable:
-    """One line: what was called and urllib3's innermost reason, without the pool's repr."""
-    reason = getattr(err, "reason", None) or err
-    text = str(reason).split(": ", 1)[-1] if isinstance(reason, Exception) else str(reason)
-    return ApiUnreachable(
-        f"Kubernetes API unreachable ({what}): {type(reason).__name__}: {text}; retrying")
+def session() -> Session:
+    """The running loop's session to the API server (made on first use in that loop)."""
+    global _session
+    if _session is None or not _session.usable():
+        _session = Session(connect().configuration, CONNECTIONS,
+                           CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+    return _session
 
 
-async def _call(func: Any, *args: Any) -> None:
-    """A write whose answer nobody reads: drained, never deserialized into the client's
-    model classes (milliseconds of CPU per pod, 10^4 times in a big job's first minutes).
-    Errors still raise ApiException with the server's words."""
-    method = _unvalidated(func)
-
-    def call() -> None:
-        try:
-            response = method(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False)
-            response.drain_conn()
-            response.release_conn()
-        except urllib3.exceptions.HTTPError as err:  # MaxRetryError, ProtocolError, timeouts
-            raise unreachable(getattr(func, "__name__", "call"), err) from None
-
-    return await asyncio.get_running_loop().run_in_executor(_POOL, call)
-
-
-def _unvalidated(method: Any) -> Any:
-    """The client's method without its argument validation: recent clients wrap each API
-    method in pydantic's ``validate_call``, which turns a pod manifest into the client's
-    model classes and back — over a third of the operator's CPU per create (py-spy, 10^4
-    pods), holding the GIL the event loop needs. The API server validates the body anyway,
-    and says what is wrong in one line."""
-    raw = getattr(method, "raw_function", None)
-    owner = getattr(method, "__self__", None)
-    return functools.partial(raw, owner) if raw is not None and owner is not None else method
+async def close() -> None:
+    """Close the session's connections (the operator's cleanup)."""
+    global _session
+    if _session is not None:
+        await _session.close()
+        _session = None
 
 
 def kopf_timeouts(settings: Any) -> None:
@@ -106,20 +81,17 @@ def connect() -> client.ApiClient:
                 raise ConfigError(
                     f"no Kubernetes to connect to: not in a cluster, and no usable kubeconfig "
                     f"({str(err).splitlines()[0]}); set KUBECONFIG or run in a pod") from None
-        conf = client.Configuration.get_default_copy()
-        conf.connection_pool_maxsize = POOL_SIZE
-        _api = client.ApiClient(conf)
-        # The client loads an API class on its first use (0.2 s for CustomObjectsApi, 1-2 s
-        # for CoreV1Api): here, before the event loop runs, not in its first status patch.
-        for api_class in (client.CoreV1Api, client.CustomObjectsApi):
-            api_class(_api)
+        _api = client.ApiClient(client.Configuration.get_default_copy())
+        # The client loads CoreV1Api on its first use (1-2 s): here, before the event loop
+        # runs, not in the pod informer's first list.
+        client.CoreV1Api(_api)
     return _api
 
 
 def reset() -> None:
-    """Forget the client (tests point the operator at a new emulator)."""
-    global _api
-    _api = None
+    """Forget the client and the session (tests point the operator at a new server)."""
+    global _api, _session
+    _api = _session = None
 
 
 EVENT_MESSAGE_BYTES = 1024
@@ -158,9 +130,8 @@ async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
     """Create; False if it already exists (a repeated plan, an operator restart).
     Raises PodRefused when no retry can succeed."""
     try:
-        await _call(
-            client.CoreV1Api(connect()).create_namespaced_pod, namespace, manifest
-        )
+        await session().call("create pod", "POST",
+                             path("api", "v1", "namespaces", namespace, "pods"), manifest)
     except ApiException as err:
         if err.status == 409:
             return False
@@ -182,7 +153,8 @@ def fit_bytes(text: str, limit: int) -> str:
 async def delete_pod(namespace: str, name: str) -> bool:
     """Graceful delete (the pod's own grace period: the worker checkpoints on SIGTERM)."""
     try:
-        await _call(client.CoreV1Api(connect()).delete_namespaced_pod, name, namespace)
+        await session().call("delete pod", "DELETE",
+                             path("api", "v1", "namespaces", namespace, "pods", name))
     except ApiException as err:
         if err.status == 404:
             return False
@@ -193,8 +165,8 @@ async def delete_pod(namespace: str, name: str) -> bool:
 async def delete_job(namespace: str, name: str) -> bool:
     """Delete an EmbeddingJob (its pods follow by owner reference); False if already gone."""
     try:
-        await _call(client.CustomObjectsApi(connect()).delete_namespaced_custom_object,
-                    API_GROUP, API_VERSION, namespace, PLURAL, name)
+        await session().call("delete job", "DELETE",
+                             path(*CUSTOM, "namespaces", namespace, PLURAL, name))
     except ApiException as err:
         if err.status == 404:
             return False
@@ -204,10 +176,9 @@ async def delete_job(namespace: str, name: str) -> bool:
 
 async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     """JSON merge patch of the status subresource."""
-    await _call(
-        client.CustomObjectsApi(connect()).patch_namespaced_custom_object_status,
-        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch},
-    )
+    await session().call("patch status", "PATCH",
+                         path(*CUSTOM, "namespaces", namespace, PLURAL, name, "status"),
+                         {"status": patch}, MERGE_PATCH)
 
 
 async def post_event(job: JobView, event: Event) -> None:
@@ -232,9 +203,8 @@ async def post_event(job: JobView, event: Event) -> None:
         "count": 1,
     }
     try:
-        await _call(
-            client.CoreV1Api(connect()).create_namespaced_event, job.namespace, body
-        )
+        await session().call("post event", "POST",
+                             path("api", "v1", "namespaces", job.namespace, "events"), body)
     except (ApiException, ApiUnreachable) as err:
         text = describe(err) if isinstance(err, ApiException) else str(err)
         log.warning("could not post event %s on %s: %s", event.reason, job.name, text)

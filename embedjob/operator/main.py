@@ -48,7 +48,7 @@ SHARD_STATES: dict[str, dict[str, int]] = {}
 WAKE_KEYS: dict[str, tuple[Any, ...]] = {}
 LAG_PROBE = pacing.LagProbe(metrics.loop_lag)
 API_CONCURRENCY = 16
-"""Pod creates/deletes in flight at once for one job (matches the client's pool size)."""
+"""Pod creates/deletes in flight at once for one job (as many as kube.CONNECTIONS)."""
 API_RETRY_SECONDS = 2.0
 EXPECT_SECONDS = 60.0
 """How long a pod we created counts as existing before the watch shows it."""
@@ -92,6 +92,7 @@ async def start_pods(memo: kopf.Memo, **_: Any) -> None:
 async def stop_pods(**_: Any) -> None:
     if PODS is not None:
         PODS.stop()
+    await kube.close()
 
 
 def _wake(uids: set[str]) -> None:

@@ -1,5 +1,7 @@
-"""Transport failures of Kubernetes API calls: bounded, one line, and an OSError (which the
-job loop logs as ``api_error`` and retries) instead of urllib3 errors escaping the loop."""
+"""The operator's own API calls (embedjob/operator/rest.py) against loopback servers:
+transport failures are bounded, one line, and an OSError (which the job loop logs as
+``api_error`` and retries); an error answer keeps the server's words; every request carries
+the client's current token."""
 
 from __future__ import annotations
 
@@ -7,14 +9,15 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import kopf
 import pytest
 import urllib3
+from aiohttp import web
 from kubernetes import client
 
-from embedjob.operator import kube
+from embedjob.operator import kube, rest
 
 
 @contextlib.contextmanager
@@ -55,27 +58,37 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def core_api(port: int) -> client.CoreV1Api:
+def session(port: int, read_timeout: float = 5.0) -> rest.Session:
     conf = client.Configuration(host=f"http://127.0.0.1:{port}")
-    conf.retries = 0  # urllib3's own retries would only make the test slower
-    return client.CoreV1Api(client.ApiClient(conf))
+    return rest.Session(conf, 4, connect_timeout=1.0, read_timeout=read_timeout)
 
 
-@pytest.mark.parametrize("where", ["refused", "reset"])
+async def delete_pod(port: int, read_timeout: float = 5.0) -> None:
+    api = session(port, read_timeout)
+    try:
+        await api.call("delete pod", "DELETE", rest.path("api", "v1", "namespaces", "ns",
+                                                           "pods", "p"))
+    finally:
+        await api.close()
+
+
+@pytest.mark.parametrize("where", ["refused", "reset", "silent"])
 def test_transport_errors_become_one_line_retryable_errors(where: str) -> None:
     with contextlib.ExitStack() as stack:
-        port = closed_port() if where == "refused" else stack.enter_context(server("reset"))
-        delete = core_api(port).delete_namespaced_pod
+        port = closed_port() if where == "refused" else stack.enter_context(server(where))
         with pytest.raises(OSError) as caught:  # what the job loop catches and retries
-            asyncio.run(kube._call(delete, "p", "ns"))
+            asyncio.run(delete_pod(port, read_timeout=0.3))
     err = caught.value
     assert isinstance(err, kube.ApiUnreachable)
     text = str(err)
-    assert text.startswith("Kubernetes API unreachable (delete_namespaced_pod): ")
+    assert text.startswith("Kubernetes API unreachable (delete pod): "), text
     assert "\n" not in text and " object at 0x" not in text and text.endswith("; retrying")
+    if where == "silent":
+        assert "Timeout" in text, text  # bounded by the read timeout, and named as such
 
 
 def test_a_silent_server_is_a_read_timeout_named_as_such() -> None:
+    """The pod informer's urllib3 errors read the same way."""
     with server("silent") as port:
         pool = urllib3.PoolManager(retries=urllib3.Retry(total=1, read=0))
         with pytest.raises(urllib3.exceptions.HTTPError) as caught:
@@ -86,25 +99,73 @@ def test_a_silent_server_is_a_read_timeout_named_as_such() -> None:
     assert "HTTPConnectionPool" not in text
 
 
-def test_every_call_carries_a_request_timeout_and_drains_the_answer() -> None:
-    seen: list[tuple[object, object]] = []
-    released: list[str] = []
+async def answering(handler: Callable[[web.Request], Awaitable[web.Response]],
+                    calls: Callable[[rest.Session], Awaitable[None]],
+                    conf: client.Configuration | None = None) -> None:
+    """Run ``calls`` against a loopback aiohttp server answering with ``handler``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    conf = conf or client.Configuration()
+    conf.host = f"http://127.0.0.1:{port}"
+    api = rest.Session(conf, 4, connect_timeout=1.0, read_timeout=5.0)
+    try:
+        await calls(api)
+    finally:
+        await api.close()
+        await runner.cleanup()
 
-    class Answer:  # urllib3's response, as the client returns it without preloading
-        def drain_conn(self) -> None:
-            released.append("drained")
 
-        def release_conn(self) -> None:
-            released.append("released")
+def test_an_error_answer_is_an_api_exception_with_the_servers_words() -> None:
+    status = {"kind": "Status", "code": 422, "message": 'Pod "p" is invalid: metadata.labels'}
 
-    def api_method(*args: object, _request_timeout: object = None,
-                   _preload_content: object = True) -> Answer:
-        seen.append((_request_timeout, _preload_content))
-        return Answer()
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(status, status=422, reason="Unprocessable Entity")
 
-    assert asyncio.run(kube._call(api_method, "ns")) is None
-    assert seen == [((kube.CONNECT_TIMEOUT_SECONDS, kube.READ_TIMEOUT_SECONDS), False)]
-    assert released == ["drained", "released"]  # the connection goes back to the pool
+    async def calls(api: rest.Session) -> None:
+        with pytest.raises(kube.ApiException) as caught:
+            await api.call("create pod", "POST", "/api/v1/namespaces/ns/pods", {"kind": "Pod"})
+        assert caught.value.status == 422
+        assert kube.describe(caught.value) == (
+            '422 Unprocessable Entity: Pod "p" is invalid: metadata.labels')
+        assert kube.permanent(caught.value)
+
+    asyncio.run(answering(handler, calls))
+
+
+def test_each_request_carries_the_clients_current_token_and_the_patch_type() -> None:
+    seen: list[tuple[str, str, str | None, str | None, bytes]] = []
+    tokens = iter(["first", "second"])
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.method, request.raw_path, request.headers.get("Authorization"),
+                     request.headers.get("Content-Type"), await request.read()))
+        return web.json_response({"kind": "Pod", "spec": {"x": "y" * 10_000}}, status=201)
+
+    def refresh(conf: client.Configuration) -> None:  # what in-cluster config installs
+        conf.api_key["authorization"] = next(tokens)
+
+    conf = client.Configuration()
+    conf.api_key_prefix["authorization"] = "Bearer"
+    conf.api_key["authorization"] = "stale"
+    conf.refresh_api_key_hook = refresh
+
+    async def calls(api: rest.Session) -> None:
+        await api.call("patch status", "PATCH", rest.path("apis", "g", "v1", "namespaces",
+                                                          "ns", "jobs", "a b", "status"),
+                       {"status": {"phase": "Running"}}, rest.MERGE_PATCH)
+        await api.call("delete pod", "DELETE", rest.path("api", "v1", "pods", "p"))
+
+    asyncio.run(answering(handler, calls, conf))
+    assert seen == [
+        ("PATCH", "/apis/g/v1/namespaces/ns/jobs/a%20b/status", "Bearer first",
+         rest.MERGE_PATCH, b'{"status": {"phase": "Running"}}'),
+        ("DELETE", "/api/v1/pods/p", "Bearer second", None, b""),
+    ]
 
 
 def test_kopf_requests_get_the_same_limits() -> None:
