@@ -8,7 +8,6 @@ import logging
 import sys
 
 import kopf
-import uvloop
 
 from embedjob.operator import kube, pacing
 from embedjob.operator import main as _handlers  # noqa: F401 (registers the kopf handlers)
@@ -16,13 +15,7 @@ from embedjob.operator.config import load_settings
 
 
 def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
-    """Run the operator until interrupted; cluster-wide unless namespaces are given.
-
-    On uvloop (kopf's own CLI uses it when installed): libuv does the loop's socket I/O in
-    C and sends without letting go of the GIL, where asyncio's loop releases it around each
-    send and receive and must win it back from the pass and informer threads each time (up
-    to the 5 ms switch interval), many times per turn while pods are created over HTTP.
-    docs/benchmarks.md has the runs."""
+    """Run the operator until interrupted; cluster-wide unless namespaces are given."""
     settings = load_settings(config_path)
     _json_logs()
     names = list(namespaces or settings.namespaces)
@@ -32,7 +25,6 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
     pacing.tune_interpreter()  # its full collection before the loop runs, not on it
     pacing.CollectorClock().start()
     kopf.run(
-        loop=uvloop.new_event_loop(),
         standalone=True,
         clusterwide=not names,
         namespaces=names,
