@@ -3,7 +3,7 @@
 Not the official client in threads: its urllib3 and http.client are pure Python, and 16
 threads running them made the loop wait for the GIL (a schedstat trace at 10^4 shards:
 the loop blocked 71 ms with no pass or collection running, while the API threads took
-turns). aiohttp is kopf's own HTTP client (so no new dependency); it parses answers in C on
+turns). aiohttp is kopf's own HTTP client (installed with it); it parses answers in C on
 the loop, and a call that waits holds no thread. The official client still does what it is
 good at: loading credentials (in-cluster ServiceAccount, kubeconfig, exec plugins) into a
 ``Configuration``, whose token hook is asked on every request, as the client itself does.
@@ -46,13 +46,19 @@ class Session:
         # sock_read bounds each wait for bytes, as urllib3's read timeout did; a call
         # waiting for a free connection waits as long as it must (callers bound how many
         # calls there are: see main.API_CONCURRENCY).
-        self.timeout = aiohttp.ClientTimeout(
+        timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, ssl=_tls(conf)),
-            timeout=self.timeout,
+            timeout=timeout,
             headers={"Accept": JSON, "User-Agent": "embedjob-operator"},
         )
+        # The route is the same for every request: worked out once, not per pod.
+        self.route: dict[str, Any] = {}
+        if conf.proxy:
+            self.route |= {"proxy": conf.proxy, "proxy_headers": conf.proxy_headers}
+        if conf.tls_server_name:
+            self.route["server_hostname"] = conf.tls_server_name
 
     def usable(self) -> bool:
         return not self.http.closed and self.loop is asyncio.get_running_loop()
@@ -68,14 +74,9 @@ class Session:
         token = self.conf.auth_settings().get("BearerToken", {}).get("value")
         if token:
             headers["Authorization"] = token
-        extra: dict[str, Any] = {}
-        if self.conf.proxy:
-            extra = {"proxy": self.conf.proxy, "proxy_headers": self.conf.proxy_headers}
-        if self.conf.tls_server_name:
-            extra["server_hostname"] = self.conf.tls_server_name
         try:
             async with self.http.request(method, self.base + path, json=body,
-                                         headers=headers, **extra) as answer:
+                                         headers=headers, **self.route) as answer:
                 data = await answer.read()
                 status, reason = answer.status, answer.reason
         except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as err:
@@ -97,7 +98,7 @@ def unreachable(what: str, err: BaseException) -> ApiUnreachable:
     cause = reason if isinstance(reason, BaseException) else err
     if isinstance(cause, aiohttp.ClientConnectorError):
         cause = cause.os_error
-    text = str(cause).split(": ", 1)[-1] if str(cause) else "no answer in time"
+    text = str(cause).split(": ", 1)[-1] or "no answer in time"
     return ApiUnreachable(
         f"Kubernetes API unreachable ({what}): {type(cause).__name__}: {text}; retrying")
 
