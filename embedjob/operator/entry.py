@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-
 import kopf
 
-from embedjob.operator import kube, pacing
+from embedjob.operator import kube, logs, pacing
 from embedjob.operator import main as _handlers  # noqa: F401 (registers the kopf handlers)
 from embedjob.operator.config import load_settings
 
@@ -17,7 +13,7 @@ from embedjob.operator.config import load_settings
 def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
     """Run the operator until interrupted; cluster-wide unless namespaces are given."""
     settings = load_settings(config_path)
-    _json_logs()
+    logs.json_logs()
     names = list(namespaces or settings.namespaces)
     port = settings.liveness_port
     liveness = f"http://0.0.0.0:{port}/healthz" if port else None
@@ -32,23 +28,3 @@ def run_operator(namespaces: list[str] | None, config_path: str | None) -> int:
         memo=kopf.Memo(settings=settings, namespaces=names),
     )
     return 0
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {"time": self.formatTime(record), "level": record.levelname,
-                "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            data["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(data)
-
-
-def _json_logs() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if not sys.stderr.isatty():
-        handler.setFormatter(_JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -49,14 +49,15 @@ def phases(informer: PodInformer) -> dict[str, str]:
 
 @pytest.mark.asyncio
 async def test_lists_in_pages_then_watches_only_our_pods(
-        admin_api: client.ApiClient, namespace: str) -> None:
+        admin_api: client.ApiClient, control_plane: ControlPlane, namespace: str) -> None:
     core = client.CoreV1Api(admin_api)
     for shard in range(5):
         core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
     for other in range(2):
         core.create_namespaced_pod(namespace, pod(f"stranger-{other}"))
     woken: list[set[str]] = []
-    informer = PodInformer([namespace], woken.append, page_size=2, api=admin_api)
+    informer = PodInformer([namespace], woken.append, page_size=2,
+                           kubeconfig=str(control_plane.kubeconfig))
     informer.start()
     try:
         await asyncio.wait_for(informer.synced(), 30)
@@ -105,7 +106,7 @@ async def test_an_expired_resource_version_leads_to_a_new_list(
     for shard in range(3):
         core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
     plane.compact_etcd()  # as the API server does every 5 minutes
-    informer = PodInformer([namespace], lambda uids: None, api=api)
+    informer = PodInformer([namespace], lambda uids: None, kubeconfig=str(plane.kubeconfig))
     # Resuming where a watch stopped before the pods existed, now compacted away: the
     # server answers 410 Gone, and only the list that follows can show the pods.
     informer.start(resume_from=before)
@@ -113,6 +114,30 @@ async def test_an_expired_resource_version_leads_to_a_new_list(
         await asyncio.wait_for(informer.synced(), 30)
         assert informer.expired == 1 and informer.lists == 1
         assert sorted(phases(informer)) == ["w-0", "w-1", "w-2"]
+        core.delete_namespaced_pod("w-1", namespace, grace_period_seconds=0)
+        await until(lambda: "w-1" not in phases(informer))  # and it watches again
+    finally:
+        informer.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_new_watch_process_replaces_one_that_died(
+        admin_api: client.ApiClient, control_plane: ControlPlane, namespace: str) -> None:
+    core = client.CoreV1Api(admin_api)
+    for shard in range(3):
+        core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
+    informer = PodInformer([namespace], lambda uids: None,
+                           kubeconfig=str(control_plane.kubeconfig))
+    informer.start()
+    try:
+        await asyncio.wait_for(informer.synced(), 30)
+        assert informer._child is not None
+        informer._child[0].kill()
+        # Changed while no process watched: only the new process's list can show it.
+        core.delete_namespaced_pod("w-0", namespace, grace_period_seconds=0)
+        core.create_namespaced_pod(namespace, pod("w-3", 3))
+        await until(lambda: sorted(phases(informer)) == ["w-1", "w-2", "w-3"])
+        assert informer.started == 2 and informer.lists == 2
         core.delete_namespaced_pod("w-1", namespace, grace_period_seconds=0)
         await until(lambda: "w-1" not in phases(informer))  # and it watches again
     finally:
