@@ -20,7 +20,14 @@ from kubernetes.client.exceptions import ApiException
 
 from embedjob.failures import ConfigError
 from embedjob.operator.reconcile import Event
-from embedjob.operator.rest import MERGE_PATCH, ApiUnreachable, Session, path, unreachable
+from embedjob.operator.rest import (
+    MERGE_PATCH,
+    ApiUnreachable,
+    Session,
+    encode,
+    path,
+    unreachable,
+)
 from embedjob.operator.views import JobView
 from embedjob.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
@@ -126,17 +133,17 @@ def permanent(err: ApiException) -> bool:
     return err.status in PERMANENT and not any(text in body for text in TRANSIENT_403)
 
 
-async def create_pod(namespace: str, manifest: dict[str, Any]) -> bool:
-    """Create; False if it already exists (a repeated plan, an operator restart).
-    Raises PodRefused when no retry can succeed."""
+async def create_pod(namespace: str, name: str, body: bytes) -> bool:
+    """Create pod ``name`` from its encoded manifest (:func:`rest.encode`); False if it
+    already exists (a repeated plan, an operator restart). Raises PodRefused when no retry
+    can succeed."""
     try:
         await session().call("create pod", "POST",
-                             path("api", "v1", "namespaces", namespace, "pods"), manifest)
+                             path("api", "v1", "namespaces", namespace, "pods"), body)
     except ApiException as err:
         if err.status == 409:
             return False
         if permanent(err):
-            name = manifest.get("metadata", {}).get("name")
             raise PodRefused(f"the API server refused pod {name}: {describe(err)}") from None
         raise
     return True
@@ -178,7 +185,7 @@ async def patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None
     """JSON merge patch of the status subresource."""
     await session().call("patch status", "PATCH",
                          path(*CUSTOM, "namespaces", namespace, PLURAL, name, "status"),
-                         {"status": patch}, MERGE_PATCH)
+                         encode({"status": patch}), MERGE_PATCH)
 
 
 async def post_event(job: JobView, event: Event) -> None:
@@ -204,7 +211,8 @@ async def post_event(job: JobView, event: Event) -> None:
     }
     try:
         await session().call("post event", "POST",
-                             path("api", "v1", "namespaces", job.namespace, "events"), body)
+                             path("api", "v1", "namespaces", job.namespace, "events"),
+                             encode(body))
     except (ApiException, ApiUnreachable) as err:
         text = describe(err) if isinstance(err, ApiException) else str(err)
         log.warning("could not post event %s on %s: %s", event.reason, job.name, text)

@@ -128,7 +128,8 @@ def test_an_error_answer_is_an_api_exception_with_the_servers_words() -> None:
 
     async def calls(api: rest.Session) -> None:
         with pytest.raises(kube.ApiException) as caught:
-            await api.call("create pod", "POST", "/api/v1/namespaces/ns/pods", {"kind": "Pod"})
+            await api.call("create pod", "POST", "/api/v1/namespaces/ns/pods",
+                           rest.encode({"kind": "Pod"}))
         assert caught.value.status == 422
         assert kube.describe(caught.value) == (
             '422 Unprocessable Entity: Pod "p" is invalid: metadata.labels')
@@ -157,13 +158,13 @@ def test_each_request_carries_the_clients_current_token_and_the_patch_type() -> 
     async def calls(api: rest.Session) -> None:
         await api.call("patch status", "PATCH", rest.path("apis", "g", "v1", "namespaces",
                                                           "ns", "jobs", "a b", "status"),
-                       {"status": {"phase": "Running"}}, rest.MERGE_PATCH)
+                       rest.encode({"status": {"phase": "Running"}}), rest.MERGE_PATCH)
         await api.call("delete pod", "DELETE", rest.path("api", "v1", "pods", "p"))
 
     asyncio.run(answering(handler, calls, conf))
     assert seen == [
         ("PATCH", "/apis/g/v1/namespaces/ns/jobs/a%20b/status", "Bearer first",
-         rest.MERGE_PATCH, b'{"status": {"phase": "Running"}}'),
+         rest.MERGE_PATCH, b'{"status":{"phase":"Running"}}'),
         ("DELETE", "/api/v1/pods/p", "Bearer second", None, b""),
     ]
 
