@@ -59,6 +59,7 @@ from scale_probes import (  # noqa: E402
     MotoServer,
     audit_args,
     audit_counts,
+    loop_cpu_wait,
     loop_lag,
     proc_usage,
     reconcile_times,
@@ -271,6 +272,7 @@ class Bench:
         elapsed_min = (time.monotonic() - t0) / 60
         samples = scrape(self.ports["metrics"])
         r.loop_metric = loop_lag(samples)
+        r.loop_cpu_wait = loop_cpu_wait(samples)
         r.reconcile = reconcile_times(samples)
         total = storage_requests(samples)
         r.s3_metric_per_min = None if total is None else total / elapsed_min

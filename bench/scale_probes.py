@@ -120,6 +120,13 @@ def loop_lag(samples: dict[str, list[tuple[dict[str, str], float]]]) -> str | No
     return None
 
 
+def loop_cpu_wait(samples: dict[str, list[tuple[dict[str, str], float]]]) -> float | None:
+    """Of the longest loop lag, the seconds the loop's thread waited for a CPU (the
+    operator's gauge; None before it had one)."""
+    values = [v for _, v in samples.get("embedjob_event_loop_lag_max_cpu_wait_seconds", [])]
+    return max(values) if values else None
+
+
 def reconcile_times(samples: dict[str, list[tuple[dict[str, str], float]]]) -> str:
     count = sum(v for _, v in samples.get(f"{RECONCILE_METRIC}_count", []))
     total = sum(v for _, v in samples.get(f"{RECONCILE_METRIC}_sum", []))

@@ -31,6 +31,8 @@ class Result:
     failed: int = 0
     healthz_worst: float = math.nan
     loop_metric: str | None = None
+    loop_cpu_wait: float | None = None
+    """Of the longest lag, seconds the loop's thread waited for a CPU (operator's gauge)."""
     reconcile: str = "n/a"
     cpu: float = math.nan
     rss: int = 0
@@ -78,6 +80,9 @@ def rows(r: Result, args: argparse.Namespace) -> list[tuple[str, str, str, bool 
         out.append(("longest /healthz answer (event-loop block, outside)", healthz, "", None))
         out.append(("event-loop lag (operator's metric)", metric, "<= 100 ms",
                     lag is not None and lag <= 0.1))
+        if r.loop_cpu_wait is not None:
+            out.append(("of that lag, the loop waiting for a CPU (run queue)",
+                        f"{r.loop_cpu_wait * 1000:.0f} ms", "", None))
     out += [
         ("reconcile pass time", r.reconcile, "", None),
         ("operator CPU (whole run, with its read process)", fmt_s(r.cpu), "", None),

@@ -27,6 +27,11 @@ EVENT_LOOP_LAG = Histogram(
 EVENT_LOOP_LAG_MAX = Gauge(
     "embedjob_event_loop_lag_max_seconds", "Longest event-loop lag seen since the start"
 )
+EVENT_LOOP_LAG_MAX_CPU_WAIT = Gauge(
+    "embedjob_event_loop_lag_max_cpu_wait_seconds",
+    "Of the longest event-loop lag, the time the loop's thread waited for a CPU (runnable, "
+    "not running: other work on the node, or the pod's CPU limit)",
+)
 PREEMPTED_GPU_SECONDS = Counter(
     "embedjob_preemption_gpu_seconds_lost_total",
     "GPU-seconds of work since the last committed part, lost to preemptions (estimate)",
@@ -58,9 +63,10 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-def loop_lag(lag: float, worst: float) -> None:
+def loop_lag(lag: float, worst: float, worst_cpu_wait: float) -> None:
     EVENT_LOOP_LAG.observe(lag)
     EVENT_LOOP_LAG_MAX.set(worst)
+    EVENT_LOOP_LAG_MAX_CPU_WAIT.set(worst_cpu_wait)
 
 
 def set_job_phases(phases: dict[str, str]) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -16,6 +19,7 @@ from embedjob.operator.pacing import (
     MAX_GAP_SECONDS,
     MIN_GAP_SECONDS,
     CollectorClock,
+    CpuWait,
     LagProbe,
     each,
     off_loop,
@@ -68,7 +72,7 @@ def test_the_lag_probe_sees_a_blocked_loop() -> None:
     seen: list[float] = []
 
     async def main() -> float:
-        probe = LagProbe(lambda lag, worst: seen.append(worst), interval=0.01)
+        probe = LagProbe(lambda lag, worst, cpu_wait: seen.append(worst), interval=0.01)
         probe.start()
         await asyncio.sleep(0.05)
         time.sleep(0.3)  # something holds the event loop
@@ -79,6 +83,25 @@ def test_the_lag_probe_sees_a_blocked_loop() -> None:
 
     worst = asyncio.run(main())
     assert worst >= 0.2 and seen[-1] == worst
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="Linux only")
+def test_cpu_wait_counts_the_time_a_thread_waits_for_a_cpu() -> None:
+    """Twice as many busy processes as CPUs: this thread, runnable, must wait its turn."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        with CpuWait() as wait:
+            before = wait.seconds()
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:  # runnable throughout
+                pass
+            waited = wait.seconds() - before
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert 0.05 < waited < 1.0
 
 
 class _Node:
