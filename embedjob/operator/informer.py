@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -234,14 +235,16 @@ class PodInformer:
         failures = 0
         while not self._stop.is_set():
             started = time.monotonic()
-            code = self._run_child(resume_from)
+            try:
+                ended = f"exited (code {self._run_child(resume_from)})"
+            except OSError as err:  # it could not start (no executable, no memory)
+                ended = f"could not start ({err})"
             resume_from = None
             if self._stop.is_set():
                 return
             failures = 0 if time.monotonic() - started > BACKOFF_SECONDS[-1] else failures + 1
             pause = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
-            log.warning("the pod watch process exited (code %s); starting a new one in %.0f s",
-                        code, pause)
+            log.warning("the pod watch process %s; starting a new one in %.0f s", ended, pause)
             self._stop.wait(pause)
 
     def _run_child(self, resume_from: str | None) -> int | None:
@@ -263,11 +266,14 @@ class PodInformer:
                 for item in received.recv():
                     if not self._stop.is_set():
                         self._queue.put(item)
-        except (EOFError, OSError):
-            pass  # the child ended
+        except (EOFError, OSError, pickle.UnpicklingError) as err:
+            if not isinstance(err, EOFError):
+                log.warning("reading the pod watch process failed: %s", err)
         finally:
             received.close()
             asks.close()
+            if child.poll() is None:  # a broken pipe, not an exit: end it
+                child.kill()
         return child.wait()
 
 

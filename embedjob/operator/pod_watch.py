@@ -155,8 +155,8 @@ def forward(items: queue.SimpleQueue[Sent], out: Connection) -> None:
                 size += len(getattr(item, "changes", ()))
         try:
             out.send(message)
-        except OSError:  # the operator is gone: nothing to send to
-            os._exit(0)
+        except OSError:  # the operator is gone (the main thread sees it too, and exits)
+            return
 
 
 def serve(asks: Connection, out: Connection) -> None:
@@ -172,7 +172,7 @@ def serve(asks: Connection, out: Connection) -> None:
     threading.Thread(target=forward, args=(items, out), daemon=True,
                      name="embedjob-pods-send").start()
     with contextlib.suppress(EOFError, OSError):
-        asks.recv()  # nothing more is sent: this returns when the operator closes the pipe
+        asks.recv()  # nothing more comes: this returns when the operator closes the pipe
     stop.set()
 
 
@@ -204,7 +204,8 @@ def main() -> None:
     out = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     logs.json_logs()
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C of a local operator
+    # Ctrl-C of a local operator; an operator that stopped before sending the plan.
+    with contextlib.suppress(KeyboardInterrupt, EOFError, OSError):
         serve(asks, out)
     os._exit(0)  # the scope threads may sit in a read: do not wait for them
 
