@@ -59,7 +59,7 @@ from scale_probes import (  # noqa: E402
     MotoServer,
     audit_args,
     audit_counts,
-    loop_cpu_wait,
+    gauge_max,
     loop_lag,
     proc_usage,
     reconcile_times,
@@ -272,7 +272,8 @@ class Bench:
         elapsed_min = (time.monotonic() - t0) / 60
         samples = scrape(self.ports["metrics"])
         r.loop_metric = loop_lag(samples)
-        r.loop_cpu_wait = loop_cpu_wait(samples)
+        r.loop_cpu_wait = gauge_max(samples, "embedjob_event_loop_lag_max_cpu_wait_seconds")
+        r.loop_own = gauge_max(samples, "embedjob_event_loop_block_max_seconds")
         r.reconcile = reconcile_times(samples)
         total = storage_requests(samples)
         r.s3_metric_per_min = None if total is None else total / elapsed_min

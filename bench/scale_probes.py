@@ -120,10 +120,10 @@ def loop_lag(samples: dict[str, list[tuple[dict[str, str], float]]]) -> str | No
     return None
 
 
-def loop_cpu_wait(samples: dict[str, list[tuple[dict[str, str], float]]]) -> float | None:
-    """Of the longest loop lag, the seconds the loop's thread waited for a CPU (the
-    operator's gauge; None before it had one)."""
-    values = [v for _, v in samples.get("embedjob_event_loop_lag_max_cpu_wait_seconds", [])]
+def gauge_max(samples: dict[str, list[tuple[dict[str, str], float]]], name: str
+              ) -> float | None:
+    """The largest value of one of the operator's gauges (None when it has no such one)."""
+    values = [v for _, v in samples.get(name, [])]
     return max(values) if values else None
 
 

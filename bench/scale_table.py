@@ -33,6 +33,8 @@ class Result:
     loop_metric: str | None = None
     loop_cpu_wait: float | None = None
     """Of the longest lag, seconds the loop's thread waited for a CPU (operator's gauge)."""
+    loop_own: float | None = None
+    """The longest lag less the CPU wait in it: the operator's own block (its gauge)."""
     reconcile: str = "n/a"
     cpu: float = math.nan
     rss: int = 0
@@ -83,6 +85,9 @@ def rows(r: Result, args: argparse.Namespace) -> list[tuple[str, str, str, bool 
         if r.loop_cpu_wait is not None:
             out.append(("of that lag, the loop waiting for a CPU (run queue)",
                         f"{r.loop_cpu_wait * 1000:.0f} ms", "", None))
+        if r.loop_own is not None:
+            out.append(("longest lag less its CPU wait (the operator's own block)",
+                        f"{r.loop_own * 1000:.0f} ms", "", None))
     out += [
         ("reconcile pass time", r.reconcile, "", None),
         ("operator CPU (whole run, with its read process)", fmt_s(r.cpu), "", None),

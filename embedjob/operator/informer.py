@@ -28,10 +28,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Generic, TypeVar
 
+from kubernetes import client, config
+
+from embedjob.operator import kube, rest
+from embedjob.operator.pod_wire import (
+    ApiAccess,
+    Change,
+    Expiry,
+    Key,
+    Sent,
+    Token,
+    WatchPlan,
+)
 from embedjob.operator.views import PodView
 
 log = logging.getLogger("embedjob.operator.informer")
@@ -42,19 +53,9 @@ WATCH_SECONDS = 300
 """The server ends each watch after this long (then it resumes from the last version)."""
 BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Pauses before a new child after consecutive exits (the last one repeats)."""
-
-Key = tuple[str, str]
-"""(namespace, pod name)."""
-
-
-@dataclass(frozen=True)
-class Change:
-    """One pod as the watch shows it now; ``view`` None: deleted (or no longer ours)."""
-
-    key: Key
-    uid: str
-    view: PodView | None
-
+TOKEN_CHECK_SECONDS = 30.0
+"""How often the child's token is compared with the configuration's (EKS tokens last 15
+minutes, in-cluster ones are refreshed a minute before they expire)."""
 
 class PodStore:
     """Pod views by job uid, changed by watch events and completed lists. Pure data."""
@@ -88,38 +89,6 @@ class PodStore:
         if old == change.view and (old is None or old_uid == change.uid):
             return set()  # nothing a reconcile reads changed (e.g. only resourceVersion)
         return {u for u in (old_uid, change.uid) if u}
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Pods of one scope as the child read them: a list page (``page``), whose last one
-    carries the keys the whole list saw (``listed``), or watch events."""
-
-    scope: str | None
-    changes: list[Change]
-    listed: set[Key] | None
-    page: bool = False
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """A scope's watch expired (410 Gone): a new list follows."""
-
-    scope: str | None
-
-
-Sent = Batch | Expiry
-"""What the child process sends, a list of them per message."""
-
-
-@dataclass(frozen=True)
-class WatchPlan:
-    """What the child process watches: sent to it first."""
-
-    scopes: list[str | None]
-    page_size: int
-    watch_seconds: int
-    resume_from: str | None
 
 
 T = TypeVar("T")
@@ -172,6 +141,7 @@ class PodInformer:
         self._synced = asyncio.Event()
         self._stop = threading.Event()
         self._child: tuple[subprocess.Popen[bytes], Connection] | None = None
+        self._conf: client.Configuration | None = None
         self._queue: LoopQueue[Sent] | None = None
         self.started = 0
         """Child processes started (one, unless one died)."""
@@ -192,6 +162,8 @@ class PodInformer:
         """Start the child; ``resume_from``: watch from that resourceVersion before any
         list (where an earlier watch stopped), else list first."""
         self._queue = LoopQueue(asyncio.get_running_loop(), self._apply)
+        self._conf = (config.new_client_from_config(self.kubeconfig) if self.kubeconfig
+                      else kube.connect()).configuration
         threading.Thread(target=self._supervise, args=(resume_from,), daemon=True,
                          name="embedjob-pods").start()
 
@@ -248,10 +220,10 @@ class PodInformer:
             self._stop.wait(pause)
 
     def _run_child(self, resume_from: str | None) -> int | None:
-        """One child: send it the plan, hand what it sends to the loop until it ends."""
-        env = dict(os.environ) | ({"KUBECONFIG": self.kubeconfig} if self.kubeconfig else {})
+        """One child: send it the plan and the token (again when it changes), hand what
+        it sends to the loop until it ends."""
         child = subprocess.Popen([sys.executable, "-m", "embedjob.operator.pod_watch"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert child.stdin is not None and child.stdout is not None and self._queue
         received = Connection(os.dup(child.stdout.fileno()), writable=False)
         asks = Connection(os.dup(child.stdin.fileno()), readable=False)
@@ -260,8 +232,14 @@ class PodInformer:
         self._child, self.started = (child, asks), self.started + 1
         if self._stop.is_set():  # stopped while this child started: end it at once
             asks.close()
+        ended, conf = threading.Event(), self._conf
+        assert conf is not None  # start() set it
         try:
-            asks.send(WatchPlan(self.scopes, self.page_size, self.watch_seconds, resume_from))
+            asks.send(WatchPlan(self.scopes, self.page_size, self.watch_seconds, resume_from,
+                                access_of(conf)))
+            asks.send(Token(rest.bearer(conf)))
+            threading.Thread(target=_send_tokens, args=(conf, asks, ended), daemon=True,
+                             name="embedjob-pods-token").start()
             while True:
                 for item in received.recv():
                     if not self._stop.is_set():
@@ -270,11 +248,36 @@ class PodInformer:
             if not isinstance(err, EOFError):
                 log.warning("reading the pod watch process failed: %s", err)
         finally:
+            ended.set()
             received.close()
             asks.close()
             if child.poll() is None:  # a broken pipe, not an exit: end it
                 child.kill()
         return child.wait()
+
+
+def _send_tokens(conf: client.Configuration, asks: Connection, ended: threading.Event
+                 ) -> None:
+    """The token as the client configuration has it now (in-cluster tokens rotate, exec
+    plugins' expire), sent to the child when it changed, until the child ends."""
+    sent = rest.bearer(conf)
+    while not ended.wait(TOKEN_CHECK_SECONDS):
+        token = rest.bearer(conf)
+        if token != sent:
+            try:
+                asks.send(Token(token))
+            except OSError:  # the child ended: its successor gets the token first
+                return
+            sent = token
+
+
+def access_of(conf: client.Configuration) -> ApiAccess:
+    """What the child needs of the client configuration to reach the API server."""
+    return ApiAccess(
+        host=conf.host, ca_file=conf.ssl_ca_cert, cert_file=conf.cert_file,
+        key_file=conf.key_file, verify=bool(conf.verify_ssl),
+        server_name=conf.tls_server_name or None, proxy=conf.proxy or None,
+        connect_timeout=kube.CONNECT_TIMEOUT_SECONDS, read_timeout=kube.READ_TIMEOUT_SECONDS)
 
 
 def _in_scope(key: Key, scope: str | None) -> bool:

@@ -32,6 +32,11 @@ EVENT_LOOP_LAG_MAX_CPU_WAIT = Gauge(
     "Of the longest event-loop lag, the time the loop's thread waited for a CPU (runnable, "
     "not running: other work on the node, or the pod's CPU limit)",
 )
+EVENT_LOOP_BLOCK_MAX = Gauge(
+    "embedjob_event_loop_block_max_seconds",
+    "Longest event-loop lag less the loop thread's wait for a CPU in it: what held the loop "
+    "in the operator (its callbacks, the GIL, a collection)",
+)
 PREEMPTED_GPU_SECONDS = Counter(
     "embedjob_preemption_gpu_seconds_lost_total",
     "GPU-seconds of work since the last committed part, lost to preemptions (estimate)",
@@ -63,10 +68,11 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-def loop_lag(lag: float, worst: float, worst_cpu_wait: float) -> None:
+def loop_lag(lag: float, worst: float, worst_cpu_wait: float, worst_own: float) -> None:
     EVENT_LOOP_LAG.observe(lag)
     EVENT_LOOP_LAG_MAX.set(worst)
     EVENT_LOOP_LAG_MAX_CPU_WAIT.set(worst_cpu_wait)
+    EVENT_LOOP_BLOCK_MAX.set(worst_own)
 
 
 def set_job_phases(phases: dict[str, str]) -> None:

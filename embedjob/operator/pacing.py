@@ -126,16 +126,17 @@ def pass_gap(cost_seconds: float) -> float:
 class LagProbe:
     """Sleeps :data:`LAG_INTERVAL_SECONDS` over and over; how much later than asked it
     wakes is how long something else held the event loop, or how long its thread waited
-    for a CPU. ``observe(lag, worst, worst_cpu_wait)``: each lag, the longest so far, and
-    how much of the longest the loop's thread was runnable but not running
-    (:class:`CpuWait`): the node's other work or the pod's CPU limit, not the operator."""
+    for a CPU (:class:`CpuWait`: runnable, not running; the node's other work or the pod's
+    CPU limit, not the operator). ``observe(lag, worst, worst_cpu_wait, worst_own)``: each
+    lag, the longest so far, how much of that longest was CPU wait, and the longest lag
+    less its CPU wait (what held the loop in the operator: its callbacks, the GIL, a
+    collection)."""
 
-    def __init__(self, observe: Callable[[float, float, float], object],
+    def __init__(self, observe: Callable[[float, float, float, float], object],
                  interval: float = LAG_INTERVAL_SECONDS) -> None:
         self.observe = observe
         self.interval = interval
-        self.worst = 0.0
-        self.worst_cpu_wait = 0.0
+        self.worst = self.worst_cpu_wait = self.worst_own = 0.0
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -149,10 +150,11 @@ class LagProbe:
                 before, waited = loop.time(), cpu_wait.seconds()
                 await asyncio.sleep(self.interval)
                 lag = max(0.0, loop.time() - before - self.interval)
+                waiting = min(lag, cpu_wait.seconds() - waited)
                 if lag > self.worst:
-                    self.worst = lag
-                    self.worst_cpu_wait = min(lag, cpu_wait.seconds() - waited)
-                self.observe(lag, self.worst, self.worst_cpu_wait)
+                    self.worst, self.worst_cpu_wait = lag, waiting
+                self.worst_own = max(self.worst_own, lag - waiting)
+                self.observe(lag, self.worst, self.worst_cpu_wait, self.worst_own)
 
 
 class CpuWait:

@@ -5,12 +5,14 @@ it starved the event loop (a loop that gives the GIL up on every socket call wai
 interval to win it back, and with two such threads it may wait many; docs/operator.md, "The
 event loop and the GIL"). So the list and the watch run here, ``python -m
 embedjob.operator.pod_watch``, one thread per scope, and only the reduced pods
-(:class:`~embedjob.operator.informer.Change`) cross the pipe, a few hundred per message.
+(:class:`~embedjob.operator.pod_wire.Change`) cross the pipe, a few hundred per message.
 
 Per scope: a list in pages of ``page_size``, asking the server for our pods only
 (``labelSelector=embedjob.io/job-uid``), then a watch from the list's resourceVersion with
 bookmarks; a 410 Gone starts a fresh list, any other error a logged reconnect with backoff.
-The child exits when the operator closes its pipe (or exits itself).
+Plain urllib3 with what the operator's client configuration says (:class:`ApiAccess`) and
+the token it sends (again when it changes): the Kubernetes client would double this
+process's memory. The child exits when the operator closes its pipe (or exits itself).
 """
 
 from __future__ import annotations
@@ -24,15 +26,22 @@ import threading
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import quote
 
 import urllib3
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
-from embedjob.operator import kube, logs
-from embedjob.operator.informer import Batch, Change, Expiry, Key, Sent, WatchPlan
+from embedjob.operator import logs
 from embedjob.operator.names import LABEL_JOB_UID
+from embedjob.operator.pod_wire import (
+    ApiAccess,
+    Batch,
+    Change,
+    Expiry,
+    Key,
+    Sent,
+    Token,
+    WatchPlan,
+)
 from embedjob.operator.views import pod_view
 
 log = logging.getLogger("embedjob.operator.informer")
@@ -47,15 +56,56 @@ class Expired(Exception):
     """The watch's resourceVersion is too old (410 Gone): only a new list can resume."""
 
 
+class ApiError(Exception):
+    """An error answer: its status and the server's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+
+
+class Api:
+    """GETs of our pods over one connection pool, with the operator's current token."""
+
+    def __init__(self, access: ApiAccess) -> None:
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED" if access.verify else "CERT_NONE",
+                               "ca_certs": access.ca_file, "cert_file": access.cert_file,
+                               "key_file": access.key_file,
+                               "server_hostname": access.server_name}
+        self.http = (urllib3.ProxyManager(access.proxy, **tls) if access.proxy
+                     else urllib3.PoolManager(**tls))
+        self.access = access
+        self.token: str | None = None
+
+    def pods(self, scope: str | None, read_timeout: float, **query: Any
+             ) -> urllib3.BaseHTTPResponse:
+        """A streaming answer (read it, then ``release_conn``); ApiError for an error one."""
+        path = f"/api/v1/namespaces/{quote(scope, safe='')}/pods" if scope else "/api/v1/pods"
+        fields = {"labelSelector": LABEL_JOB_UID} | {
+            k: str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in query.items() if v is not None}
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = self.token
+        answer = self.http.request(
+            "GET", self.access.host.rstrip("/") + path, fields=fields, headers=headers,
+            preload_content=False, retries=False,
+            timeout=urllib3.Timeout(connect=self.access.connect_timeout, read=read_timeout))
+        if answer.status >= 400:
+            body = answer.read()
+            answer.release_conn()
+            raise ApiError(answer.status, _message(body, answer.reason))
+        return answer
+
+
 class ScopeWatch:
     """List, then watch, one scope (a namespace, or None: all) until ``stop`` is set;
     everything read goes to ``send``."""
 
-    def __init__(self, scope: str | None, plan: WatchPlan, send: queue.SimpleQueue[Sent],
-                 stop: threading.Event) -> None:
-        self.scope, self.plan, self.send, self.stop = scope, plan, send, stop
+    def __init__(self, scope: str | None, plan: WatchPlan, api: Api,
+                 send: queue.SimpleQueue[Sent], stop: threading.Event) -> None:
+        self.scope, self.plan, self.api, self.send, self.stop = scope, plan, api, send, stop
         self.where = f"namespace {scope}" if scope else "all namespaces"
-        self._stream: Any = None
 
     def run(self, version: str | None) -> None:
         """List (unless resuming from ``version``), then watch from the list's version."""
@@ -82,8 +132,12 @@ class ScopeWatch:
         listed: set[Key] = set()
         token: str | None = None
         while True:
-            page = self.request(limit=self.plan.page_size, _continue=token)
-            data = json.loads(page.data)
+            answer = self.request(self.plan.access.read_timeout, limit=self.plan.page_size,
+                                  **{"continue": token})
+            try:
+                data = json.loads(answer.read())
+            finally:
+                answer.release_conn()
             changes = [c for c in map(change_of, data.get("items") or []) if c is not None]
             listed |= {c.key for c in changes}
             meta = data.get("metadata") or {}
@@ -94,10 +148,11 @@ class ScopeWatch:
 
     def watch(self, version: str) -> str:
         """One watch until the server ends it; returns the last version seen."""
-        stream = self.request(watch=True, resource_version=version,
-                              allow_watch_bookmarks=True, timeout_seconds=self.plan.watch_seconds)
+        seconds = self.plan.watch_seconds
+        answer = self.request(seconds + 30, watch=True, resourceVersion=version,
+                              allowWatchBookmarks=True, timeoutSeconds=seconds)
         try:
-            for event in _events(stream):
+            for event in _events(answer):
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
@@ -110,25 +165,15 @@ class ScopeWatch:
                         change = Change(change.key, change.uid, None)
                     self.send.put(Batch(self.scope, [change], None))
         finally:
-            _close(stream)
+            _close(answer)
         return version
 
-    def request(self, **kwargs: Any) -> Any:
-        """A raw response (no model objects: we parse only what PodView needs)."""
-        api = client.CoreV1Api(kube.connect())
-        watching = kwargs.get("watch")
-        timeout = (kube.CONNECT_TIMEOUT_SECONDS,
-                   self.plan.watch_seconds + 30 if watching else kube.READ_TIMEOUT_SECONDS)
-        args = {k: v for k, v in kwargs.items() if v is not None}
-        args |= {"label_selector": LABEL_JOB_UID, "_preload_content": False,
-                 "_request_timeout": timeout}
+    def request(self, read_timeout: float, **query: Any) -> urllib3.BaseHTTPResponse:
         try:
-            if self.scope is None:
-                return api.list_pod_for_all_namespaces(**args)
-            return api.list_namespaced_pod(self.scope, **args)
-        except ApiException as err:
+            return self.api.pods(self.scope, read_timeout, **query)
+        except ApiError as err:
             if err.status == 410:
-                raise Expired(kube.describe(err)) from None
+                raise Expired(str(err)) from None
             raise
 
 
@@ -160,41 +205,58 @@ def forward(items: queue.SimpleQueue[Sent], out: Connection) -> None:
 
 
 def serve(asks: Connection, out: Connection) -> None:
-    """The child: the watch plan first, then every scope's list+watch, until the operator
-    closes the pipe."""
+    """The child: the watch plan and a token first, then every scope's list+watch; new
+    tokens as the operator sends them, until it closes the pipe."""
     plan: WatchPlan = asks.recv()
+    api = Api(plan.access)
+    api.token = asks.recv().value
     items: queue.SimpleQueue[Sent] = queue.SimpleQueue()
     stop = threading.Event()
     for scope in plan.scopes:
-        watch = ScopeWatch(scope, plan, items, stop)
+        watch = ScopeWatch(scope, plan, api, items, stop)
         threading.Thread(target=watch.run, args=(plan.resume_from,), daemon=True,
                          name=f"embedjob-pods-{scope or 'all'}").start()
     threading.Thread(target=forward, args=(items, out), daemon=True,
                      name="embedjob-pods-send").start()
     with contextlib.suppress(EOFError, OSError):
-        asks.recv()  # nothing more comes: this returns when the operator closes the pipe
+        while True:
+            token: Token = asks.recv()
+            api.token = token.value
     stop.set()
 
 
-def _events(stream: Any) -> Iterator[dict[str, Any]]:
-    for line in iter_resp_lines(stream):
-        if line:
-            yield json.loads(line)
+def _events(answer: urllib3.BaseHTTPResponse) -> Iterator[dict[str, Any]]:
+    """The watch's events, one JSON object per line, as the chunks arrive."""
+    pending = b""
+    for chunk in answer.stream(64 * 1024):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from (json.loads(line) for line in lines if line.strip())
+    if pending.strip():
+        yield json.loads(pending)
 
 
-def _close(stream: Any) -> None:
+def _message(body: bytes, reason: str | None) -> str:
+    """The server's Status message, else the HTTP reason."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(body).get("message") or reason)
+    return str(reason or "")
+
+
+def _close(answer: urllib3.BaseHTTPResponse) -> None:
     try:
-        stream.shutdown() if hasattr(stream, "shutdown") else None
-        stream.release_conn()
+        answer.shutdown() if hasattr(answer, "shutdown") else None
+        answer.release_conn()
     except Exception as err:  # closing a dead connection: nothing left to do
         log.debug("closing a pod watch: %s", err)
 
 
 def _describe(err: Exception) -> str:
-    if isinstance(err, ApiException):
-        return kube.describe(err)
+    """One line: the innermost reason, without a connection's repr."""
     if isinstance(err, urllib3.exceptions.HTTPError):
-        return str(kube.unreachable("pods", err))
+        reason = getattr(err, "reason", None)
+        cause = reason if isinstance(reason, BaseException) else err
+        return f"Kubernetes API unreachable (pods): {type(cause).__name__}: {cause}"
     return f"{type(err).__name__}: {err}"
 
 

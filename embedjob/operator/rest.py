@@ -73,7 +73,7 @@ class Session:
         parsed. Raises ApiException (with the server's Status as its body) for an error
         answer, ApiUnreachable for none."""
         headers = {"Content-Type": content_type} if body is not None else {}
-        token = self.conf.auth_settings().get("BearerToken", {}).get("value")
+        token = bearer(self.conf)
         if token:
             headers["Authorization"] = token
         try:
@@ -87,6 +87,13 @@ class Session:
             error = ApiException(status=status, reason=reason)
             error.body = data.decode(errors="replace")
             raise error
+
+
+def bearer(conf: client.Configuration) -> str | None:
+    """The Authorization header's value as the configuration has it now (its refresh hook
+    runs first, as before each of the official client's requests); None without a token."""
+    value = conf.auth_settings().get("BearerToken", {}).get("value")
+    return str(value) if value else None
 
 
 def encode(body: Any) -> bytes:

@@ -71,18 +71,21 @@ def test_the_gap_after_a_pass_scales_with_its_cost() -> None:
 def test_the_lag_probe_sees_a_blocked_loop() -> None:
     seen: list[float] = []
 
-    async def main() -> float:
-        probe = LagProbe(lambda lag, worst, cpu_wait: seen.append(worst), interval=0.01)
+    async def main() -> LagProbe:
+        probe = LagProbe(lambda lag, worst, cpu_wait, own: seen.append(worst), interval=0.01)
         probe.start()
         await asyncio.sleep(0.05)
         time.sleep(0.3)  # something holds the event loop
         await asyncio.sleep(0.05)
         assert probe.task is not None
         probe.task.cancel()
-        return probe.worst
+        return probe
 
-    worst = asyncio.run(main())
+    probe = asyncio.run(main())
+    worst = probe.worst
     assert worst >= 0.2 and seen[-1] == worst
+    # The loop slept in a callback (not runnable, not waiting for a CPU): its own block.
+    assert 0.2 <= probe.worst_own <= worst
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="Linux only")

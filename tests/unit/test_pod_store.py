@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from embedjob.operator.informer import Change, PodStore
+from embedjob.operator.informer import PodStore
+from embedjob.operator.pod_wire import Change
 from embedjob.operator.views import PodView
 
 

@@ -8,7 +8,6 @@ import queue
 import threading
 from multiprocessing import Pipe
 
-from embedjob.operator.informer import Batch, Change, Expiry, Sent
 from embedjob.operator.names import (
     LABEL_ATTEMPT,
     LABEL_JOB_UID,
@@ -17,6 +16,7 @@ from embedjob.operator.names import (
     ROLE_WORKER,
 )
 from embedjob.operator.pod_watch import CHANGES_PER_MESSAGE, change_of, forward
+from embedjob.operator.pod_wire import Batch, Change, Expiry, Sent
 
 
 def test_a_burst_goes_in_few_messages_of_bounded_size() -> None:
