@@ -238,7 +238,7 @@ class PodInformer:
             asks.send(WatchPlan(self.scopes, self.page_size, self.watch_seconds, resume_from,
                                 access_of(conf)))
             asks.send(Token(rest.bearer(conf)))
-            threading.Thread(target=_send_tokens, args=(conf, asks, ended), daemon=True,
+            threading.Thread(target=send_tokens, args=(conf, asks, ended), daemon=True,
                              name="embedjob-pods-token").start()
             while True:
                 for item in received.recv():
@@ -256,12 +256,12 @@ class PodInformer:
         return child.wait()
 
 
-def _send_tokens(conf: client.Configuration, asks: Connection, ended: threading.Event
-                 ) -> None:
+def send_tokens(conf: client.Configuration, asks: Connection, ended: threading.Event,
+                every: float = TOKEN_CHECK_SECONDS) -> None:
     """The token as the client configuration has it now (in-cluster tokens rotate, exec
     plugins' expire), sent to the child when it changed, until the child ends."""
     sent = rest.bearer(conf)
-    while not ended.wait(TOKEN_CHECK_SECONDS):
+    while not ended.wait(every):
         token = rest.bearer(conf)
         if token != sent:
             try:
