@@ -252,11 +252,15 @@ def _close(answer: urllib3.BaseHTTPResponse) -> None:
 
 
 def _describe(err: Exception) -> str:
-    """One line: the innermost reason, without a connection's repr."""
+    """One line: the innermost reason, without a connection's repr (as the operator's own
+    calls say it, ``rest.unreachable``, which this process does not import: aiohttp)."""
     if isinstance(err, urllib3.exceptions.HTTPError):
         reason = getattr(err, "reason", None)
         cause = reason if isinstance(reason, BaseException) else err
-        return f"Kubernetes API unreachable (pods): {type(cause).__name__}: {cause}"
+        text = str(cause).split(": ", 1)[-1] or "no answer in time"
+        return f"Kubernetes API unreachable (pods): {type(cause).__name__}: {text}"
+    if isinstance(err, ApiError):  # the server's own words: "403 pods is forbidden: …"
+        return str(err)
     return f"{type(err).__name__}: {err}"
 
 

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,5 +141,26 @@ async def test_a_new_watch_process_replaces_one_that_died(
         assert informer.started == 2 and informer.lists == 2
         core.delete_namespaced_pod("w-1", namespace, grace_period_seconds=0)
         await until(lambda: "w-1" not in phases(informer))  # and it watches again
+    finally:
+        informer.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_refused_watch_is_said_and_retried(
+        control_plane: ControlPlane, namespace: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = control_plane.token_kubeconfig("not-a-token", tmp_path / "bad.kubeconfig")
+    informer = PodInformer([namespace], lambda uids: None, kubeconfig=str(kubeconfig))
+    informer.start()
+    try:
+        said = ""
+        deadline = time.monotonic() + 30
+        while "reconnecting in 2 s" not in said and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            said += capfd.readouterr().err
+        # The child's one line, then again after the backoff (1 s, then 2 s): never silent.
+        assert f"pod list/watch in namespace {namespace} failed: 401 Unauthorized" in said
+        assert "reconnecting in 1 s" in said and "reconnecting in 2 s" in said
+        assert not informer._synced.is_set() and informer.started == 1
     finally:
         informer.stop()
