@@ -57,6 +57,7 @@ TOKEN_CHECK_SECONDS = 30.0
 """How often the child's token is compared with the configuration's (EKS tokens last 15
 minutes, in-cluster ones are refreshed a minute before they expire)."""
 
+
 class PodStore:
     """Pod views by job uid, changed by watch events and completed lists. Pure data."""
 

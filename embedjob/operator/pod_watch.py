@@ -192,16 +192,20 @@ def forward(items: queue.SimpleQueue[Sent], out: Connection) -> None:
     most CHANGES_PER_MESSAGE pods): one pipe write per burst, not one per event."""
     while True:
         message = [items.get()]
-        size = len(getattr(message[0], "changes", ()))
+        size = _pods_in(message[0])
         with contextlib.suppress(queue.Empty):
             while size < CHANGES_PER_MESSAGE:
                 item = items.get_nowait()
                 message.append(item)
-                size += len(getattr(item, "changes", ()))
+                size += _pods_in(item)
         try:
             out.send(message)
         except OSError:  # the operator is gone (the main thread sees it too, and exits)
             return
+
+
+def _pods_in(item: Sent) -> int:
+    return len(item.changes) if isinstance(item, Batch) else 0
 
 
 def serve(asks: Connection, out: Connection) -> None:

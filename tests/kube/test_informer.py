@@ -4,9 +4,10 @@ server-side selection, pagination, watch add/modify/delete, and a relist after 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,17 @@ async def until(check: Callable[[], Any], timeout: float = 30) -> Any:
     raise AssertionError(f"timed out after {timeout}s")
 
 
+@contextlib.asynccontextmanager
+async def running(informer: PodInformer, resume_from: str | None = None
+                  ) -> AsyncIterator[PodInformer]:
+    """The informer started (on this loop), and stopped however the test ends."""
+    informer.start(resume_from)
+    try:
+        yield informer
+    finally:
+        informer.stop()
+
+
 def phases(informer: PodInformer) -> dict[str, str]:
     return {p.name: p.phase for p in informer.get(JOB)}
 
@@ -59,8 +71,7 @@ async def test_lists_in_pages_then_watches_only_our_pods(
     woken: list[set[str]] = []
     informer = PodInformer([namespace], woken.append, page_size=2,
                            kubeconfig=str(control_plane.kubeconfig))
-    informer.start()
-    try:
+    async with running(informer):
         await asyncio.wait_for(informer.synced(), 30)
         assert sorted(phases(informer)) == [f"w-{s}" for s in range(5)]
         # 2 + 2 + 1 of our pods: the server filtered (all 7 pods would take 4 pages).
@@ -77,8 +88,6 @@ async def test_lists_in_pages_then_watches_only_our_pods(
         assert sorted(phases(informer)) == [f"w-{s}" for s in range(1, 6)]
         assert set(informer.store.by_job) == {JOB}  # the strangers were never delivered
         assert informer.lists == 1 and informer.expired == 0
-    finally:
-        informer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +119,12 @@ async def test_an_expired_resource_version_leads_to_a_new_list(
     informer = PodInformer([namespace], lambda uids: None, kubeconfig=str(plane.kubeconfig))
     # Resuming where a watch stopped before the pods existed, now compacted away: the
     # server answers 410 Gone, and only the list that follows can show the pods.
-    informer.start(resume_from=before)
-    try:
+    async with running(informer, resume_from=before):
         await asyncio.wait_for(informer.synced(), 30)
         assert informer.expired == 1 and informer.lists == 1
         assert sorted(phases(informer)) == ["w-0", "w-1", "w-2"]
         core.delete_namespaced_pod("w-1", namespace, grace_period_seconds=0)
         await until(lambda: "w-1" not in phases(informer))  # and it watches again
-    finally:
-        informer.stop()
 
 
 @pytest.mark.asyncio
@@ -129,8 +135,7 @@ async def test_a_new_watch_process_replaces_one_that_died(
         core.create_namespaced_pod(namespace, pod(f"w-{shard}", shard))
     informer = PodInformer([namespace], lambda uids: None,
                            kubeconfig=str(control_plane.kubeconfig))
-    informer.start()
-    try:
+    async with running(informer):
         await asyncio.wait_for(informer.synced(), 30)
         assert informer._child is not None
         informer._child[0].kill()
@@ -141,8 +146,6 @@ async def test_a_new_watch_process_replaces_one_that_died(
         assert informer.started == 2 and informer.lists == 2
         core.delete_namespaced_pod("w-1", namespace, grace_period_seconds=0)
         await until(lambda: "w-1" not in phases(informer))  # and it watches again
-    finally:
-        informer.stop()
 
 
 @pytest.mark.asyncio
@@ -151,8 +154,7 @@ async def test_a_refused_watch_is_said_and_retried(
         capfd: pytest.CaptureFixture[str]) -> None:
     kubeconfig = control_plane.token_kubeconfig("not-a-token", tmp_path / "bad.kubeconfig")
     informer = PodInformer([namespace], lambda uids: None, kubeconfig=str(kubeconfig))
-    informer.start()
-    try:
+    async with running(informer):
         said = ""
         deadline = time.monotonic() + 30
         while "reconnecting in 2 s" not in said and time.monotonic() < deadline:
@@ -162,5 +164,3 @@ async def test_a_refused_watch_is_said_and_retried(
         assert f"pod list/watch in namespace {namespace} failed: 401 Unauthorized" in said
         assert "reconnecting in 1 s" in said and "reconnecting in 2 s" in said
         assert not informer._synced.is_set() and informer.started == 1
-    finally:
-        informer.stop()
